@@ -5,14 +5,26 @@ The CLI and the app both call these functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pruneapp.formats import FORMATS
-from pruneapp.limits import Limits
-from pruneapp.pruning import Progress, PruneSettings
-from pruneapp.report import Report
+import torch
+
+from pruneapp import formats as fmt
+from pruneapp import loading
+from pruneapp.errors import PruneAppError, SettingsError
+from pruneapp.limits import Limits, default_limits
+from pruneapp.loading import LoadedModel
+from pruneapp.pruning import Progress, PruneResult, PruneSettings, prune
+from pruneapp.report import Histogram, InputInfo, OutputSize, Report
+
+Loader = Callable[[Path, Limits], LoadedModel]
+HISTOGRAM_BINS = 80
 
 
 @dataclass
@@ -38,37 +50,292 @@ class SweepPoint:
     bytes: dict[str, int]  # format -> measured file size
 
 
-def inspect_file(path: str | Path, limits: Limits | None = None) -> Inspection:
+def _load_in_process(path: Path, limits: Limits) -> LoadedModel:
+    return loading.load_model(path, limits)
+
+
+def unique_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights with tied keys (the same tensor object) counted once, first key kept."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in weights.items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
+    return out
+
+
+def describe(model: LoadedModel) -> Inspection:
+    """Summarise a loaded model for display."""
+    tensors = unique_tensors(model.weights)
+    dtypes: dict[str, int] = {}
+    for t in tensors.values():
+        key = str(t.dtype).removeprefix("torch.")
+        dtypes[key] = dtypes.get(key, 0) + t.numel()
+    return Inspection(
+        path=str(model.path),
+        kind=model.kind,
+        structure=model.structure,
+        file_bytes=model.file_bytes,
+        n_tensors=len(tensors),
+        n_params=sum(t.numel() for t in tensors.values()),
+        dtypes=dtypes,
+        weights_bytes=loading.tensor_bytes(model.weights),
+        extra_bytes=dict(model.extra_bytes),
+        metadata=dict(model.metadata),
+        notes=list(model.notes),
+    )
+
+
+def inspect_file(path: str | Path, limits: Limits | None = None, loader: Loader | None = None) -> Inspection:
     """Load ``path`` safely and describe it."""
-    raise NotImplementedError
+    limits = limits or default_limits()
+    return describe((loader or _load_in_process)(Path(path), limits))
+
+
+def default_out_dir(input_path: Path) -> Path:
+    return Path("pruned") / input_path.name.split(".")[0]
+
+
+def output_stem(input_path: Path) -> str:
+    """``model.pt`` -> ``model``; ``model.v2.safetensors`` -> ``model.v2``."""
+    return input_path.stem or input_path.name
+
+
+class _Stages:
+    """Maps each stage's own 0..1 progress onto one overall bar, and times the stages."""
+
+    WEIGHTS = {"load": 0.15, "prune": 0.35, "encode": 0.35, "measure": 0.15}
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, message: str) -> Iterator[Progress]:
+        start = sum(self.WEIGHTS[s] for s in self.WEIGHTS if s in self.seconds)
+        width = self.WEIGHTS[name]
+
+        def report(msg: str, fraction: float) -> None:
+            if self.progress:
+                self.progress(f"{name}: {msg}", min(1.0, start + width * max(0.0, min(1.0, fraction))))
+
+        report(message, 0.0)
+        t0 = time.perf_counter()
+        yield report
+        self.seconds[name] = time.perf_counter() - t0
+        report("done", 1.0)
+
+
+def magnitude_histogram(
+    weights: dict[str, torch.Tensor], names: Sequence[str], threshold: float | None, bins: int = HISTOGRAM_BINS
+) -> Histogram:
+    """Histogram of log10 |w| over the named tensors, built tensor by tensor (zeros counted apart)."""
+    lo, hi, zeros = math.inf, -math.inf, 0
+    for name in names:
+        a = weights[name].detach().abs().float()
+        nz = a[(a > 0) & torch.isfinite(a)]
+        zeros += a.numel() - nz.numel()
+        if nz.numel():
+            lo, hi = min(lo, nz.min().item()), max(hi, nz.max().item())
+    if lo > hi:
+        return Histogram(edges=[], counts=[], zeros=zeros, threshold=threshold)
+    lo, hi = math.log10(lo), math.log10(hi)
+    hi = hi if hi > lo else lo + 1.0
+    counts = torch.zeros(bins, dtype=torch.float64)
+    for name in names:
+        a = weights[name].detach().abs().float()
+        nz = a[(a > 0) & torch.isfinite(a)]
+        counts += torch.histc(nz.log10().double(), bins=bins, min=lo, max=hi)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64).tolist()
+    return Histogram(edges=edges, counts=[int(c) for c in counts.tolist()], zeros=zeros, threshold=threshold)
+
+
+def torch_prune_bytes(weights: dict[str, torch.Tensor], result: PruneResult, directory: Path) -> int:
+    """Size of the file ``torch.nn.utils.prune`` saves before ``prune.remove``, measured by writing it.
+
+    Each pruned ``name`` becomes ``name_orig`` (the original weights) plus ``name_mask`` (a mask of the
+    weight's own dtype, as ``torch.nn.utils.prune`` keeps it); everything else is saved as is.
+    """
+    pruned = {s.name for s in result.stats if s.pruned}
+    state: dict[str, torch.Tensor] = {}
+    for name, t in weights.items():
+        if name in pruned:
+            state[name + "_orig"] = t
+            state[name + "_mask"] = (result.weights[name] != 0).to(t.dtype)
+        else:
+            state[name] = t
+    path = directory / "torch-prune-before-remove.pt"
+    try:
+        torch.save(state, path)
+        return path.stat().st_size
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _check_round_trip(path: Path, expected: dict[str, torch.Tensor], limits: Limits) -> float:
+    """Read an output back, prove it equals the pruned weights bit for bit, and return the decode time."""
+    t0 = time.perf_counter()
+    got = fmt.read_weights(path, limits)
+    seconds = time.perf_counter() - t0
+    for name, t in expected.items():
+        other = got.get(name)
+        if other is None or other.dtype != t.dtype or other.shape != t.shape or not _bits_equal(other, t):
+            raise PruneAppError(
+                f"Internal check failed: {path.name} does not read back {name!r} exactly; please report this."
+            )
+    return seconds
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype.is_floating_point and a.element_size() in (2, 4, 8):
+        view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)
+
+
+def prune_model(
+    model: LoadedModel,
+    settings: PruneSettings,
+    out_dir: Path,
+    formats: Sequence[str] = fmt.FORMATS,
+    zstd_level: int = 3,
+    drop_extras: bool = False,
+    force: bool = False,
+    limits: Limits | None = None,
+    stages: _Stages | None = None,
+) -> Report:
+    """Prune an already loaded model, write every format into ``out_dir``, read each back and measure it."""
+    limits = limits or default_limits()
+    stages = stages or _Stages(None)
+    with stages.stage("prune", f"{settings.method} at {settings.sparsity:.0%}") as report:
+        result = prune(model.weights, settings, report)
+    pruned_names = [s.name for s in result.stats if s.pruned and s.tied_to is None]
+    with stages.stage("encode", "writing outputs") as report:
+        written = fmt.write_outputs(
+            model,
+            result.weights,
+            pruned_names,
+            out_dir,
+            output_stem(model.path),
+            formats,
+            zstd_level=zstd_level,
+            drop_extras=drop_extras,
+            force=force,
+            progress=report,
+        )
+    with stages.stage("measure", "reading outputs back") as report:
+        outputs = []
+        for i, out in enumerate(written):
+            report(out.path.name, i / max(1, len(written)))
+            decode = _check_round_trip(out.path, result.weights, limits)
+            outputs.append(
+                OutputSize(
+                    format=out.format,
+                    path=out.path.name,
+                    bytes=out.bytes,
+                    ratio=out.bytes / max(1, model.file_bytes),
+                    encode_seconds=out.encode_seconds,
+                    decode_seconds=decode,
+                    notes=list(out.notes),
+                )
+            )
+        trap = torch_prune_bytes(model.weights, result, out_dir)
+        histogram = magnitude_histogram(model.weights, pruned_names, result.threshold)
+    rep = Report(
+        input=InputInfo(
+            path=str(model.path),
+            bytes=model.file_bytes,
+            kind=model.kind,
+            structure=model.structure,
+            weights_bytes=loading.tensor_bytes(model.weights),
+            extra_bytes=dict(model.extra_bytes),
+            notes=list(model.notes),
+        ),
+        settings=_settings_dict(settings, zstd_level, drop_extras),
+        sparsity_target=result.target_sparsity,
+        sparsity_achieved=result.achieved_sparsity,
+        outputs=outputs,
+        torch_prune_bytes=trap,
+        tensors=result.stats,
+        histogram=histogram,
+        warnings=list(result.warnings),
+        seconds=dict(stages.seconds),
+    )
+    rep.write_json(out_dir / "report.json")
+    return rep
+
+
+def _settings_dict(settings: PruneSettings, zstd_level: int, drop_extras: bool) -> dict:
+    return {
+        "method": settings.method,
+        "sparsity": settings.sparsity,
+        "nm": f"{settings.nm[0]}:{settings.nm[1]}",
+        "norm": settings.norm,
+        "seed": settings.seed,
+        "include": list(settings.include),
+        "exclude": list(settings.exclude),
+        "device": settings.device,
+        "zstd_level": zstd_level,
+        "drop_extras": drop_extras,
+    }
 
 
 def prune_file(
     input_path: str | Path,
     settings: PruneSettings,
     out_dir: str | Path | None = None,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = fmt.FORMATS,
     zstd_level: int = 3,
     drop_extras: bool = False,
     force: bool = False,
     limits: Limits | None = None,
     progress: Progress | None = None,
+    loader: Loader | None = None,
 ) -> tuple[Report, Path]:
     """Load, prune, write each format into ``out_dir`` (default ./pruned/<stem>/) and measure it.
 
     Returns the report (also written as report.json) and the output directory.
     """
-    raise NotImplementedError
+    input_path = Path(input_path)
+    limits = limits or default_limits()
+    out = Path(out_dir) if out_dir is not None else default_out_dir(input_path)
+    if out.resolve() == input_path.resolve() or (out.exists() and not out.is_dir()):
+        raise SettingsError(f"Output directory {out} is not a directory; choose another with --out.")
+    stages = _Stages(progress)
+    with stages.stage("load", input_path.name):
+        model = (loader or _load_in_process)(input_path, limits)
+    out.mkdir(parents=True, exist_ok=True)
+    report = prune_model(model, settings, out, formats, zstd_level, drop_extras, force, limits, stages)
+    return report, out
 
 
 def sweep(
     input_path: str | Path,
     sparsities: Sequence[float],
     settings: PruneSettings,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = fmt.FORMATS,
     zstd_level: int = 3,
     limits: Limits | None = None,
     progress: Progress | None = None,
+    loader: Loader | None = None,
 ) -> list[SweepPoint]:
     """Measured size of each format at each sparsity (files written to a temporary directory)."""
-    raise NotImplementedError
+    limits = limits or default_limits()
+    model = (loader or _load_in_process)(Path(input_path), limits)
+    points = []
+    with tempfile.TemporaryDirectory(prefix="pruneapp-sweep-") as tmp:
+        for i, s in enumerate(sparsities):
+            if progress:
+                progress(f"sparsity {s:.0%}", i / max(1, len(sparsities)))
+            result = prune(model.weights, replace(settings, sparsity=s))
+            names = [st.name for st in result.stats if st.pruned and st.tied_to is None]
+            step = Path(tmp) / f"s{i}"
+            stem = output_stem(model.path)
+            written = fmt.write_outputs(model, result.weights, names, step, stem, formats, zstd_level)
+            points.append(SweepPoint(sparsity=s, bytes={o.format: o.bytes for o in written}))
+            for o in written:
+                o.path.unlink(missing_ok=True)
+    if progress:
+        progress("done", 1.0)
+    return points

@@ -1,0 +1,7 @@
+"""``python -m pruneapp``."""
+
+import sys
+
+from pruneapp.cli import main
+
+sys.exit(main())
