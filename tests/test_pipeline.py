@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pruneapp import formats
+from pruneapp.errors import OutputExistsError, SettingsError
+from pruneapp.pipeline import inspect_file, magnitude_histogram, prune_file, sweep
+from pruneapp.pruning import PruneSettings
+from pruneapp.report import Report
+
+
+def test_prune_file_writes_every_format_and_a_matching_report(tmp_path: Path, checkpoint_file: Path) -> None:
+    out = tmp_path / "out"
+    report, out_dir = prune_file(checkpoint_file, PruneSettings(sparsity=0.8), out_dir=out)
+    assert out_dir == out
+    assert sorted(o.format for o in report.outputs) == sorted(formats.FORMATS)
+    for o in report.outputs:
+        assert (out / o.path).stat().st_size == o.bytes
+        assert o.ratio == pytest.approx(o.bytes / checkpoint_file.stat().st_size)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["input"]["bytes"] == checkpoint_file.stat().st_size
+    assert {o["path"] for o in on_disk["outputs"]} == {p.name for p in out.iterdir()} - {"report.json"}
+    assert Report.from_dict(on_disk).to_dict() == report.to_dict()
+    assert 0.79 <= report.sparsity_achieved <= 0.81
+
+
+def test_trap_file_is_larger_than_the_input_and_dense_does_not_shrink(tmp_path: Path, mlp_file: Path) -> None:
+    report, _ = prune_file(
+        mlp_file, PruneSettings(sparsity=0.9), out_dir=tmp_path / "o", formats=["dense", "dense.zst"]
+    )
+    sizes = {o.format: o.bytes for o in report.outputs}
+    assert report.torch_prune_bytes > 1.5 * report.input.bytes
+    assert sizes["dense"] >= 0.95 * report.input.bytes
+    assert sizes["dense.zst"] < 0.5 * sizes["dense"]
+
+
+def test_outputs_read_back_equal_the_pruned_weights(tmp_path: Path, tied_file: Path) -> None:
+    report, out = prune_file(tied_file, PruneSettings(sparsity=0.5), out_dir=tmp_path / "o")
+    dense = formats.read_weights(out / next(o.path for o in report.outputs if o.format == "dense"))
+    for o in report.outputs:
+        got = formats.read_weights(out / o.path)
+        assert got.keys() == dense.keys()
+        assert all(torch.equal(got[k], dense[k]) for k in dense)
+    assert torch.equal(dense["embed.weight"], dense["lm_head.weight"])
+
+
+def test_existing_outputs_are_kept_without_force(tmp_path: Path, mlp_file: Path) -> None:
+    out = tmp_path / "o"
+    prune_file(mlp_file, PruneSettings(sparsity=0.5), out_dir=out, formats=["dense"])
+    before = (out / "mlp.pruned.pt").read_bytes()
+    with pytest.raises(OutputExistsError, match="--force"):
+        prune_file(mlp_file, PruneSettings(sparsity=0.9), out_dir=out, formats=["dense"])
+    assert (out / "mlp.pruned.pt").read_bytes() == before
+    prune_file(mlp_file, PruneSettings(sparsity=0.9), out_dir=out, formats=["dense"], force=True)
+    assert (out / "mlp.pruned.pt").read_bytes() != before
+
+
+def test_progress_names_each_stage_in_order(tmp_path: Path, mlp_file: Path) -> None:
+    seen: list[tuple[str, float]] = []
+    prune_file(mlp_file, PruneSettings(), out_dir=tmp_path / "o", progress=lambda m, f: seen.append((m, f)))
+    stages = [m.split(":")[0] for m, _ in seen]
+    firsts = [s for i, s in enumerate(stages) if s not in stages[:i]]
+    assert firsts == ["load", "prune", "encode", "measure"]
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_histogram_counts_every_pruned_weight(tmp_path: Path, mlp: torch.nn.Module) -> None:
+    weights = mlp.state_dict()
+    weights["fc1.weight"][0, :4] = 0.0
+    h = magnitude_histogram(weights, ["fc1.weight", "fc2.weight"], threshold=0.05)
+    assert sum(h.counts) + h.zeros == weights["fc1.weight"].numel() + weights["fc2.weight"].numel()
+    assert h.zeros == 4 and len(h.edges) == len(h.counts) + 1
+
+
+def test_inspect_reports_weights_and_optimizer_bytes_apart(checkpoint_file: Path) -> None:
+    info = inspect_file(checkpoint_file)
+    assert info.structure == "checkpoint"
+    assert info.n_params == sum(
+        p.numel() for p in torch.load(checkpoint_file, weights_only=True)["model_state_dict"].values()
+    )
+    assert info.extra_bytes["optimizer"] > info.weights_bytes  # Adam keeps two moments per parameter
+
+
+def test_sweep_measures_each_format_at_each_sparsity(mlp_file: Path) -> None:
+    points = sweep(mlp_file, [0.0, 0.5, 0.95], PruneSettings(), formats=["dense", "csr"])
+    assert [p.sparsity for p in points] == [0.0, 0.5, 0.95]
+    assert points[-1].bytes["csr"] < points[0].bytes["csr"]
+    assert points[-1].bytes["csr"] < points[-1].bytes["dense"]
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path: Path, mlp_file: Path) -> None:
+    with pytest.raises(SettingsError, match="not a directory"):
+        prune_file(mlp_file, PruneSettings(), out_dir=mlp_file)
