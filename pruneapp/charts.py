@@ -83,7 +83,7 @@ def size_chart(report: Report) -> go.Figure:
     )
     fig = go.Figure(bar)
     fig.update_layout(title="File size on disk", yaxis_title="bytes", showlegend=False, uniformtext_minsize=9)
-    fig.update_yaxes(tickformat=".3s", ticksuffix="B", range=[0, max(sizes) * 1.2])
+    fig.update_yaxes(tickformat="~s", ticksuffix="B", range=[0, max(sizes) * 1.2])
     return fig
 
 
@@ -182,7 +182,7 @@ def sweep_chart(points: Sequence[SweepPoint]) -> go.Figure:
         fig.add_annotation(x=crossover, y=size, text=f"CSR < dense from {crossover:.0%}", yshift=18, showarrow=False)
     fig.update_layout(title="Size against sparsity", xaxis_title="sparsity", yaxis_title="bytes")
     fig.update_xaxes(tickformat=".0%", range=[-0.02, 1.0])
-    fig.update_yaxes(tickformat=".3s", ticksuffix="B", rangemode="tozero")
+    fig.update_yaxes(tickformat="~s", ticksuffix="B", rangemode="tozero")
     return fig
 
 
