@@ -91,21 +91,11 @@ def test_wrong_file_is_reported_as_corrupt(tmp_path: Path) -> None:
         demo.load_testset(path)
 
 
-@pytest.fixture
-def prune_ready(weights: dict[str, torch.Tensor]) -> None:
-    try:
-        demo.accuracy_curve(weights, [0.5], PruneSettings())
-    except NotImplementedError:
-        pytest.skip("pruning.prune is not implemented yet")
-
-
-@pytest.mark.usefixtures("prune_ready")
 def test_accuracy_curve_at_zero_sparsity_equals_evaluate(weights: dict[str, torch.Tensor]) -> None:
     curve = demo.accuracy_curve(weights, [0.0], PruneSettings(method="global-l1"))
     assert curve == [(0.0, demo.evaluate(weights))]
 
 
-@pytest.mark.usefixtures("prune_ready")
 def test_accuracy_curve_falls_at_extreme_sparsity(weights: dict[str, torch.Tensor]) -> None:
     curve = demo.accuracy_curve(weights, [0.5, 0.999], PruneSettings(method="global-l1"))
     assert [s for s, _ in curve] == [0.5, 0.999]
