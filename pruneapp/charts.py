@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
+from pruneapp.units import human_bytes
+
 if TYPE_CHECKING:
     from pruneapp.pipeline import SweepPoint
     from pruneapp.report import Report
@@ -33,18 +35,6 @@ FORMAT_COLORS = {
 ORIGINAL_LABEL = "original"
 TORCH_PRUNE_LABEL = "torch.nn.utils.prune before prune.remove"
 _GREY, _AMBER, _BLUE, _GREEN = "#9e9e9e", "#f5a623", "#4c78a8", "#2ca02c"
-_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
-
-
-def human_bytes(n: int | float) -> str:
-    """``n`` bytes in decimal units with three significant digits: 999 -> "999 B", 1_234_567 -> "1.23 MB"."""
-    value, unit = float(n), 0
-    while abs(value) >= 999.5 and unit < len(_UNITS) - 1:
-        value, unit = value / 1000, unit + 1
-    if unit == 0:
-        return f"{int(n)} B"
-    digits = 2 if abs(value) < 9.995 else 1 if abs(value) < 99.95 else 0
-    return f"{value:.{digits}f} {_UNITS[unit]}"
 
 
 def format_label(fmt: str) -> str:

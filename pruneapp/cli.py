@@ -22,6 +22,7 @@ from pruneapp import pipeline, pruning
 from pruneapp.errors import OutputExistsError, PruneAppError, SettingsError
 from pruneapp.limits import default_limits
 from pruneapp.report import Report
+from pruneapp.units import human_bytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,15 +46,6 @@ class StderrProgress:
         if stage != self._stage or now - self._last >= self.interval:
             self._stage, self._last = stage, now
             print(f"[{fraction:4.0%}] {message}", file=self.stream, flush=True)
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units, as file managers show them: 1234567 -> '1.23 MB'."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def parse_nm(text: str) -> tuple[int, int]:
