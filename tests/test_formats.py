@@ -183,6 +183,16 @@ def test_safetensors_input_round_trips_with_ties_and_metadata(tmp_path: Path, fm
         assert "head.weight" not in keys  # stored once
 
 
+def test_damaged_safetensors_aliases_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.pruned.safetensors"
+    for aliases in ('{"b": "missing"}', "not json", '{"a": "a"}'):
+        save_file({"a": torch.ones(2)}, str(path), metadata={formats.ALIASES_METADATA_KEY: aliases})
+        with pytest.raises(CorruptFileError, match="pruneapp.aliases"):
+            read_weights(path)
+
+
 def test_csr_file_is_plain_torch_with_int32_csr_for_pruned_tensors(tmp_path: Path) -> None:
     model = make_model(tmp_path / "m.pt")
     [out] = write(tmp_path, model, ("csr",))
@@ -256,6 +266,21 @@ def test_writes_create_the_folder_and_leave_no_temporary_files(tmp_path: Path) -
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(o.path.name for o in written)
     assert [m for m, _ in seen[:-1]] == [f"writing {o.path.name}" for o in written]
     assert seen[-1][1] == 1.0 and [f for _, f in seen] == sorted(f for _, f in seen)
+
+
+def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for out in write(tmp_path, make_model(tmp_path / "m.pt")):
+        assert out.path.stat().st_mode & 0o777 == 0o666 & ~umask, out.path.name
+
+
+def test_zst_reuses_the_base_file_written_in_the_same_call(tmp_path: Path) -> None:
+    dense, csr, dense_zst, csr_zst = write(tmp_path, make_model(tmp_path / "m.pt"))
+    with open(dense_zst.path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as r:
+        assert r.read() == dense.path.read_bytes()
+    assert dense_zst.encode_seconds > dense.encode_seconds and csr_zst.encode_seconds > csr.encode_seconds
+    assert csr_zst.notes == csr.notes != []
 
 
 def test_existing_outputs_need_force_and_nothing_is_written_on_refusal(tmp_path: Path) -> None:
