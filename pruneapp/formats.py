@@ -584,7 +584,7 @@ def _read_plain(path: Path, head: bytes, limits: Limits) -> dict[str, torch.Tens
     if head.startswith(ZSTD_MAGIC):
         raise UnsupportedFileError(f"{path.name} holds a zstd frame inside a zstd frame; pruneapp writes only one.")
     packed = _packed_module()
-    if packed is not None and head.startswith(packed.MAGIC):
+    if getattr(packed, "MAGIC", None) and head.startswith(packed.MAGIC):
         return packed.read_packed(path, limits)
     if head.startswith(ZIP_MAGIC) and _is_csr_zip(path):
         return _read_csr(path, limits)

@@ -539,6 +539,14 @@ def test_packed_is_dispatched_by_name_and_by_magic(tmp_path: Path, fake_packed: 
     assert "pruneapp.read_weights" in load_snippet("packed", "m.pk")
 
 
+def test_packed_round_trip_through_the_real_module(tmp_path: Path) -> None:
+    packed = pytest.importorskip("pruneapp.packed")
+    model = make_model(tmp_path / "m.pt")
+    [out] = write(tmp_path, model, ("packed",))
+    assert out.path.name == "m" + packed.EXTENSION and out.path.read_bytes().startswith(packed.MAGIC)
+    assert_same_weights(read_weights(out.path), model.weights)
+
+
 @pytest.mark.parametrize("keep", [200, 600, -30])
 def test_truncated_csr_file_gives_a_clear_error(tmp_path: Path, keep: int) -> None:
     [out] = write(tmp_path, make_model(tmp_path / "m.pt"), ("csr",))
