@@ -41,11 +41,11 @@ Progress = Callable[[str, float], None]  # (stage message, fraction done in [0, 
 
 _CHUNK = 1 << 22  # elements handled at once: bounds every temporary to a few times 16 MiB
 _DIGIT_BITS = 16  # bits resolved per radix pass: a 65536-bin histogram
-_KEYS = {  # float dtype -> (integer view of the same width, magnitude bits, key of +inf)
-    torch.float16: (torch.int16, 15, 0x7C00),
-    torch.bfloat16: (torch.int16, 15, 0x7F80),
-    torch.float32: (torch.int32, 31, 0x7F800000),
-    torch.float64: (torch.int64, 63, 0x7FF0000000000000),
+_KEYS = {  # float dtype -> (integer view of the same width, magnitude bits)
+    torch.float16: (torch.int16, 15),
+    torch.bfloat16: (torch.int16, 15),
+    torch.float32: (torch.int32, 31),
+    torch.float64: (torch.int64, 63),
 }
 
 
@@ -163,16 +163,16 @@ class _Cut:
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """Bool mask (True = prune) for a 1-D chunk of scores; chunks must come in tensor order, then index order."""
         keys = _keys(scores, self.kdtype)
-        out = keys < self.key
-        if self.ties > 0:
-            tie = keys == self.key
-            found = int(tie.sum())
-            if found > self.ties:
-                tie &= tie.cumsum(0) <= self.ties
-                found = self.ties
-            out |= tie
+        if self.ties == 0:
+            return keys < self.key
+        tie = keys == self.key
+        found = int(torch.count_nonzero(tie))
+        if found <= self.ties:
             self.ties -= found
-        return out
+            return keys <= self.key
+        tie &= tie.cumsum(0) <= self.ties
+        self.ties = 0
+        return tie | (keys < self.key)
 
     @property
     def value(self) -> float:
@@ -181,11 +181,10 @@ class _Cut:
 
 
 def _keys(values: torch.Tensor, kdtype: torch.dtype) -> torch.Tensor:
-    """|values| as integers ordered like the magnitudes (sign bit cleared; every NaN one key above +inf)."""
-    ints, bits, inf = _KEYS[kdtype]
+    """|values| as integers in the order of the magnitudes: the bits with the sign cleared (NaN sorts above +inf)."""
+    ints, bits = _KEYS[kdtype]
     keys = values.to(kdtype).view(ints)
-    keys = keys.to(torch.int64 if bits == 63 else torch.int32)
-    return (keys & ((1 << bits) - 1)).clamp_(max=inf + 1)
+    return keys.to(torch.int64 if bits == 63 else torch.int32) & ((1 << bits) - 1)
 
 
 def _chunks(t: torch.Tensor, device: torch.device | None = None) -> Iterator[torch.Tensor]:
@@ -340,32 +339,36 @@ def _nm_divisible(targets: list[_Target], m: int) -> tuple[list[_Target], list[s
 # Masks, written into a working copy
 
 
-Applier = Callable[[_Target, torch.Tensor], None]  # writes zeros into the contiguous working copy
+# writes zeros into the contiguous working copy; True when every zero in it is already +0.0
+Applier = Callable[[_Target, torch.Tensor], bool]
 
 
-def _apply_cut(work: torch.Tensor, cut: _Cut, scores: torch.Tensor | None = None) -> None:
-    """Zero ``work`` where ``cut`` prunes ``scores`` (default: ``work`` itself), chunk by chunk."""
+def _apply_cut(work: torch.Tensor, cut: _Cut, scores: torch.Tensor | None = None) -> bool:
+    """Zero ``work`` where ``cut`` prunes ``scores`` (default: ``work`` itself), chunk by chunk.
+
+    Returns True when that rewrote every zero of ``work`` (its own magnitudes, threshold above 0) as +0.0.
+    """
     device = work.device
     score_chunks = _chunks(work if scores is None else scores, device)
     for chunk, score in zip(_chunks(work), score_chunks, strict=True):
         chunk.masked_fill_(cut.mask(score), 0)
+    return scores is None and cut.key > 0
 
 
 def _global_l1(targets: list[_Target], settings: PruneSettings, device: torch.device, tick) -> tuple[Applier, float]:
     tensors = [t.tensor for t in targets]
     k = round(settings.sparsity * sum(t.numel() for t in tensors))
     if k == 0:
-        return (lambda target, work: None), 0.0
+        return (lambda target, work: False), 0.0
     cut = _find_cut(tensors, k, device, tick)
     threshold = cut.value
     return (lambda target, work: _apply_cut(work, cut)), threshold
 
 
 def _layer_l1(settings: PruneSettings, device: torch.device) -> Applier:
-    def apply(target: _Target, work: torch.Tensor) -> None:
+    def apply(target: _Target, work: torch.Tensor) -> bool:
         k = round(settings.sparsity * work.numel())
-        if k:
-            _apply_cut(work, _find_cut([work], k, device))
+        return _apply_cut(work, _find_cut([work], k, device)) if k else False
 
     return apply
 
@@ -375,13 +378,14 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 
 def _random(settings: PruneSettings, device: torch.device) -> Applier:
-    def apply(target: _Target, work: torch.Tensor) -> None:
+    def apply(target: _Target, work: torch.Tensor) -> bool:
         k = round(settings.sparsity * work.numel())
         if k:
             # scores drawn on the CPU so that every device prunes the same elements
             gen = torch.Generator().manual_seed(_tensor_seed(settings.seed, target.name))
             scores = torch.rand(work.numel(), generator=gen)
             _apply_cut(work, _find_cut([scores], k, device), scores)
+        return False
 
     return apply
 
@@ -397,12 +401,13 @@ def _row_norms(rows: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _ln_structured(settings: PruneSettings, device: torch.device) -> Applier:
-    def apply(target: _Target, work: torch.Tensor) -> None:
+    def apply(target: _Target, work: torch.Tensor) -> bool:
         rows = _rows(work)
         k = round(settings.sparsity * rows.shape[0])
         if k:
             norms = _row_norms(rows, settings.norm)
             rows.masked_fill_(_find_cut([norms], k, device).mask(norms)[:, None], 0)
+        return False
 
     return apply
 
@@ -421,7 +426,12 @@ def _nm_prune_(rows: torch.Tensor, n: int, m: int) -> None:
 
 def _nm(settings: PruneSettings) -> Applier:
     n, m = settings.nm
-    return lambda target, work: _nm_prune_(work.view(-1, _nm_cols(work)), n, m)
+
+    def apply(target: _Target, work: torch.Tensor) -> bool:
+        _nm_prune_(work.view(-1, _nm_cols(work)), n, m)
+        return False
+
+    return apply
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,8 +517,8 @@ def prune(
         apply, threshold = _applier(targets, settings, device, tick)
         for target in targets:
             work = _working_copy(target, device, inplace)
-            apply(target, work)
-            _canonical_zeros_(work)
+            if not apply(target, work):
+                _canonical_zeros_(work)
             zeros_after[target.name] = _count_zeros(work)
             outputs[target.name] = _output(target, work, inplace)
             tick(f"{settings.method}: {target.name}")
