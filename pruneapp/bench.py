@@ -19,9 +19,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from pruneapp.loading import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "assets" / "demo_digits.pt"
@@ -183,22 +186,49 @@ def write_synthetic(n_params: int, path: Path, seed: int = 0) -> int:
 
 # Measures one command from a small process: a child spawned straight from the benchmark would inherit the
 # benchmark's own peak RSS (Linux carries the old address space's high-water mark across exec, and vfork shares it).
-# argv: result path, command...; writes {"status", "maxrss", "seconds"} as JSON.
+# While the command runs with children of its own (an isolated load), the PSS of the whole tree is sampled every
+# 10 ms, because ru_maxrss is the largest single process, not their sum. argv: result path, command...
 WRAPPER_CODE = """\
 import json, os, sys, time
+
+def tree(pid):
+    found = [pid]
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [q for c in f.read().split() for q in tree(int(c))]
+    except OSError:
+        pass
+    return found
+
+def pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+    except OSError:
+        return 0
+
 t0 = time.perf_counter()
 pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
-_, status, usage = os.wait4(pid, 0)
+tree_peak = 0
+while True:
+    done, status, usage = os.wait4(pid, os.WNOHANG)
+    if done:
+        break
+    procs = tree(pid)
+    if len(procs) > 1:
+        tree_peak = max(tree_peak, sum(pss_kib(p) for p in procs))
+    time.sleep(0.01)
 seconds = time.perf_counter() - t0
 with open(sys.argv[1], "w") as f:
-    json.dump({"status": status, "maxrss": usage.ru_maxrss, "seconds": seconds}, f)
+    json.dump({"status": status, "maxrss": usage.ru_maxrss, "tree_pss_kib": tree_peak, "seconds": seconds}, f)
 """
 
 
 @dataclass
 class ProcessRun:
     seconds: float  # wall time, from spawn to exit (Python start-up and imports included)
-    peak_rss: int  # bytes: ru_maxrss of this process (and of any children it waited for)
+    peak_rss: int  # bytes: ru_maxrss of the process, or the sampled PSS of its process tree where larger
     stages: dict[str, float] = field(default_factory=dict)  # the child's own timings, if it printed them
 
 
@@ -222,7 +252,8 @@ def run_process(cmd: Sequence[str], timeout: float = 1800.0, env: dict[str, str]
             raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {code}: {tail}")
         stages = _last_json(out.read_text(errors="replace"))
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return ProcessRun(seconds=usage["seconds"], peak_rss=usage["maxrss"] * scale, stages=stages)
+    peak = max(usage["maxrss"] * scale, usage["tree_pss_kib"] * 1024)
+    return ProcessRun(seconds=usage["seconds"], peak_rss=peak, stages=stages)
 
 
 def _last_json(text: str) -> dict[str, float]:
@@ -319,25 +350,25 @@ def measure_sizes(path: Path, label: str, work: Path, repeat: int = 2) -> list[d
     """Size, encode and decode time of every format at every sparsity, next to the bound and plain zstd."""
     from pruneapp.loading import load_model
 
-    base = load_model(path)
-    dense_tensor_bytes = _tensor_bytes(base.weights)
+    model = load_model(path)
+    tensor_bytes = _tensor_bytes(model.weights)
     rows = []
     for s in SPARSITIES:
-        rows.append(_sizes_at(path, s, work / f"{label}-{s}", repeat) | {"model": label, "sparsity": s})
-        rows[-1]["tensor_bytes"] = dense_tensor_bytes
+        row = _sizes_at(model, s, work / f"{label}-{s}".replace(" ", "_"), repeat)
+        rows.append({"model": label, "sparsity": s, "tensor_bytes": tensor_bytes} | row)
     return rows
 
 
-def _sizes_at(path: Path, sparsity: float, out_dir: Path, repeat: int) -> dict[str, Any]:
+def _sizes_at(model: LoadedModel, sparsity: float, out_dir: Path, repeat: int) -> dict[str, Any]:
     from pruneapp.entropy import reference_bound_bytes
     from pruneapp.formats import read_weights, write_outputs
-    from pruneapp.loading import load_model
     from pruneapp.pruning import PruneSettings, prune
 
-    model = load_model(path)  # fresh per sparsity: prune may write its zeros into the loaded tensors
     result = prune(model.weights, PruneSettings(method="global-l1", sparsity=sparsity))
     names = [st.name for st in result.stats if st.pruned and st.tied_to is None]
-    written = write_outputs(model, result.weights, names, out_dir, path.stem, SIZE_FORMATS, ZSTD_LEVEL, force=True)
+    written = write_outputs(
+        model, result.weights, names, out_dir, model.path.stem, SIZE_FORMATS, ZSTD_LEVEL, force=True
+    )
     formats = {}
     for o in written:
         decode = min(_timed(read_weights, o.path) for _ in range(repeat))
