@@ -355,7 +355,9 @@ def _apply_cut(work: torch.Tensor, cut: _Cut, scores: torch.Tensor | None = None
     return scores is None and cut.key > 0
 
 
-def _global_l1(targets: list[_Target], settings: PruneSettings, device: torch.device, tick) -> tuple[Applier, float]:
+def _global_l1(
+    targets: list[_Target], settings: PruneSettings, device: torch.device, tick: _Ticker
+) -> tuple[Applier, float]:
     tensors = [t.tensor for t in targets]
     k = round(settings.sparsity * sum(t.numel() for t in tensors))
     if k == 0:
@@ -448,7 +450,9 @@ class _Ticker:
             self.progress(message, min(1.0, self.done / self.total))
 
 
-def _applier(targets, settings, device, tick) -> tuple[Applier, float | None]:
+def _applier(
+    targets: list[_Target], settings: PruneSettings, device: torch.device, tick: _Ticker
+) -> tuple[Applier, float | None]:
     if settings.method == "global-l1":
         return _global_l1(targets, settings, device, tick)
     makers = {"layer-l1": _layer_l1, "random": _random, "ln-structured": _ln_structured}
@@ -525,7 +529,16 @@ def prune(
     return _result(weights, settings, outputs, zeros_before, zeros_after, threshold, notes)
 
 
-def _result(weights, settings, outputs, zeros_before, zeros_after, threshold, notes) -> PruneResult:
+def _result(
+    weights: dict[str, torch.Tensor],
+    settings: PruneSettings,
+    outputs: dict[str, torch.Tensor],
+    zeros_before: dict[tuple, int],
+    zeros_after: dict[str, int],
+    threshold: float | None,
+    notes: list[str],
+) -> PruneResult:
+    """Output weights (tied keys share the pruned tensor), stats for every key, and the 100% warnings."""
     out_weights, stats, warnings, first_of = {}, [], list(notes), {}
     for name, t in weights.items():
         first = first_of.setdefault(_share_key(t), name)
