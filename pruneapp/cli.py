@@ -36,8 +36,8 @@ class _Parser(argparse.ArgumentParser):
 class StderrProgress:
     """Prints each stage once and then at most every ``interval`` seconds, so long work shows it is alive."""
 
-    def __init__(self, stream: TextIO = sys.stderr, interval: float = 1.0) -> None:
-        self.stream, self.interval = stream, interval
+    def __init__(self, stream: TextIO | None = None, interval: float = 1.0) -> None:
+        self.stream, self.interval = stream or sys.stderr, interval
         self._stage, self._last = "", 0.0
 
     def __call__(self, message: str, fraction: float) -> None:

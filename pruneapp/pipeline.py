@@ -20,7 +20,7 @@ from pruneapp import loading
 from pruneapp.errors import PruneAppError, SettingsError
 from pruneapp.limits import Limits, default_limits
 from pruneapp.loading import LoadedModel
-from pruneapp.pruning import Progress, PruneResult, PruneSettings, prune
+from pruneapp.pruning import Progress, PruneSettings, prune, selected_names
 from pruneapp.report import Histogram, InputInfo, OutputSize, Report
 
 Loader = Callable[[Path, Limits], LoadedModel]
@@ -146,31 +146,41 @@ def magnitude_histogram(
     for name in names:
         a = weights[name].detach().abs().float()
         nz = a[(a > 0) & torch.isfinite(a)]
-        counts += torch.histc(nz.log10().double(), bins=bins, min=lo, max=hi)
+        counts += torch.histc(nz.double().log10().clamp_(lo, hi), bins=bins, min=lo, max=hi)
     edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64).tolist()
     return Histogram(edges=edges, counts=[int(c) for c in counts.tolist()], zeros=zeros, threshold=threshold)
 
 
-def torch_prune_bytes(weights: dict[str, torch.Tensor], result: PruneResult, directory: Path) -> int:
+def torch_prune_bytes(weights: dict[str, torch.Tensor], pruned: Sequence[str], directory: Path, stem: str) -> int:
     """Size of the file ``torch.nn.utils.prune`` saves before ``prune.remove``, measured by writing it.
 
     Each pruned ``name`` becomes ``name_orig`` (the original weights) plus ``name_mask`` (a mask of the
-    weight's own dtype, as ``torch.nn.utils.prune`` keeps it); everything else is saved as is.
+    weight's own dtype and shape). torch.save stores records uncompressed, so a stand-in that shares the
+    original's memory under a storage of its own gives the mask's exact byte count without allocating it.
     """
-    pruned = {s.name for s in result.stats if s.pruned}
+    pruned_set = set(pruned)
     state: dict[str, torch.Tensor] = {}
     for name, t in weights.items():
-        if name in pruned:
+        if name in pruned_set:
             state[name + "_orig"] = t
-            state[name + "_mask"] = (result.weights[name] != 0).to(t.dtype)
+            state[name + "_mask"] = _same_bytes_new_storage(t)
         else:
             state[name] = t
-    path = directory / "torch-prune-before-remove.pt"
-    try:
+    with tempfile.TemporaryDirectory(prefix=".torch-prune-", dir=directory) as tmp:
+        path = Path(tmp) / f"{stem}.pt"  # torch names the archive's folder after the file
         torch.save(state, path)
         return path.stat().st_size
-    finally:
-        path.unlink(missing_ok=True)
+
+
+def _same_bytes_new_storage(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous()
+    if t.numel() == 0:
+        return torch.empty_like(t)
+    raw = t.view(torch.uint8) if t.element_size() == 1 else t.view(_INT_OF_SIZE[t.element_size()])
+    return torch.frombuffer(raw.numpy(), dtype=t.dtype).view(t.shape)
+
+
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _check_round_trip(path: Path, expected: dict[str, torch.Tensor], limits: Limits) -> float:
@@ -189,8 +199,9 @@ def _check_round_trip(path: Path, expected: dict[str, torch.Tensor], limits: Lim
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype.is_floating_point and a.element_size() in (2, 4, 8):
-        view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+        return torch.equal(
+            a.contiguous().view(_INT_OF_SIZE[a.element_size()]), b.contiguous().view(_INT_OF_SIZE[a.element_size()])
+        )
     return torch.equal(a, b)
 
 
@@ -204,12 +215,22 @@ def prune_model(
     force: bool = False,
     limits: Limits | None = None,
     stages: _Stages | None = None,
+    inplace: bool = False,
 ) -> Report:
-    """Prune an already loaded model, write every format into ``out_dir``, read each back and measure it."""
+    """Prune an already loaded model, write every format into ``out_dir``, read each back and measure it.
+
+    With ``inplace`` the model's own tensors are pruned (no second copy of the weights in memory).
+    """
     limits = limits or default_limits()
     stages = stages or _Stages(None)
+    stem = output_stem(model.path)
     with stages.stage("prune", f"{settings.method} at {settings.sparsity:.0%}") as report:
-        result = prune(model.weights, settings, report)
+        selected = selected_names(model.weights, settings)
+        histogram = magnitude_histogram(model.weights, selected, None)
+        trap = torch_prune_bytes(model.weights, selected, out_dir, stem)
+        input_weight_bytes = loading.tensor_bytes(model.weights)
+        result = prune(model.weights, settings, report, inplace=inplace)
+    histogram.threshold = result.threshold
     pruned_names = [s.name for s in result.stats if s.pruned and s.tied_to is None]
     with stages.stage("encode", "writing outputs") as report:
         written = fmt.write_outputs(
@@ -217,7 +238,7 @@ def prune_model(
             result.weights,
             pruned_names,
             out_dir,
-            output_stem(model.path),
+            stem,
             formats,
             zstd_level=zstd_level,
             drop_extras=drop_extras,
@@ -240,15 +261,13 @@ def prune_model(
                     notes=list(out.notes),
                 )
             )
-        trap = torch_prune_bytes(model.weights, result, out_dir)
-        histogram = magnitude_histogram(model.weights, pruned_names, result.threshold)
     rep = Report(
         input=InputInfo(
             path=str(model.path),
             bytes=model.file_bytes,
             kind=model.kind,
             structure=model.structure,
-            weights_bytes=loading.tensor_bytes(model.weights),
+            weights_bytes=input_weight_bytes,
             extra_bytes=dict(model.extra_bytes),
             notes=list(model.notes),
         ),
@@ -306,7 +325,7 @@ def prune_file(
     with stages.stage("load", input_path.name):
         model = (loader or _load_in_process)(input_path, limits)
     out.mkdir(parents=True, exist_ok=True)
-    report = prune_model(model, settings, out, formats, zstd_level, drop_extras, force, limits, stages)
+    report = prune_model(model, settings, out, formats, zstd_level, drop_extras, force, limits, stages, inplace=True)
     return report, out
 
 

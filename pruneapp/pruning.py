@@ -309,6 +309,11 @@ def _select(weights: dict[str, torch.Tensor], settings: PruneSettings) -> list[_
     return targets
 
 
+def selected_names(weights: dict[str, torch.Tensor], settings: PruneSettings) -> list[str]:
+    """The keys ``prune`` would prune (first key of each tied group), before pruning anything."""
+    return [t.name for t in _select(weights, settings)]
+
+
 def _owns_storage(t: torch.Tensor) -> bool:
     if t.layout != torch.strided or not t.is_contiguous() or t.storage_offset() != 0:
         return False

@@ -29,14 +29,16 @@ def test_prune_writes_outputs_and_report(tmp_path: Path, mlp_file: Path, capsys:
     for o in report["outputs"]:
         assert (tmp_path / "o" / o["path"]).stat().st_size == o["bytes"]
     assert "smallest" in out
-    assert "[" in err  # progress lines
+    assert "[  0%] load: mlp.pt" in err
+    assert "warning: 'fc2.weight' was pruned to 100%" in err
 
 
 def test_formats_option_limits_the_outputs(tmp_path: Path, mlp_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "prune", mlp_file, "--formats", "dense,csr", "--out", tmp_path, "--quiet")
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "prune", mlp_file, "--formats", "dense,csr", "--out", out, "--quiet")
     assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mlp.")) == ["mlp.csr.pt", "mlp.pruned.pt"]
-    assert err == ""
+    assert sorted(p.name for p in out.iterdir()) == ["mlp.csr.pt", "mlp.pruned.pt", "report.json"]
+    assert all(line.startswith("warning: ") for line in err.splitlines())
 
 
 def test_nm_sparsity_is_implied_by_the_pattern(
