@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import zstandard
 
+from pruneapp import checks
 from pruneapp.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -67,6 +69,7 @@ _ZSTD_INPUT_CHUNK = 2048  # a zstd block turns 4 bytes into 128 KiB at most: <= 
 _COPY_CHUNK = 1 << 20
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same width, compared bit for bit
 _INT32_MAX = 2**31 - 1
+_CSR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -379,7 +382,7 @@ def write_csr(
 
 
 def _csr_candidate(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and t.element_size() in (2, 4, 8) and t.dim() >= 1 and t.numel() > 0
+    return t.dtype in _CSR_DTYPES and t.dim() >= 1 and t.numel() > 0
 
 
 def to_csr(t: torch.Tensor) -> torch.Tensor | None:
@@ -400,13 +403,15 @@ def to_csr(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def _read_csr(path: Path, limits: Limits) -> dict[str, torch.Tensor]:
-    _check_torch_zip(path, limits)
+    """Our CSR file: the loader's zip checks first, then torch's weights-only load under sparse invariant checks."""
     try:
+        with zipfile.ZipFile(path) as zf:
+            checks.verify_crc(zf, checks.check_zip(zf, path.stat().st_size, limits, path.name))
         with _sparse_quiet(), torch.sparse.check_sparse_tensor_invariants():
             obj = torch.load(path, weights_only=True, map_location="cpu", mmap=False)
     except PruneAppError:
         raise
-    except Exception as e:
+    except Exception as e:  # zipfile and torch raise many kinds on damaged files
         raise CorruptFileError(f"{path.name} is not a readable CSR file ({_why(e)}); write it again.") from None
     return densify_csr(obj, limits, path.name)
 
@@ -416,7 +421,7 @@ def densify_csr(obj: Any, limits: Limits, name: str = "CSR file") -> dict[str, t
     tensors, shapes, aliases = _csr_parts(obj, name)
     _check_csr_sizes(tensors, shapes, limits, name)
     with _sparse_quiet():
-        dense = {key: _densify(key, t, shapes[key], name) for key, t in tensors.items()}
+        dense = {key: _densify(key, t, shapes[key], limits, name) for key, t in tensors.items()}
     return {key: dense[aliases.get(key, key)] for key in shapes}
 
 
@@ -454,20 +459,19 @@ def _check_csr_sizes(tensors: dict, shapes: dict, limits: Limits, name: str) -> 
         )
 
 
-def _densify(key: str, t: torch.Tensor, shape: list[int], name: str) -> torch.Tensor:
+def _densify(key: str, t: torch.Tensor, shape: list[int], limits: Limits, name: str) -> torch.Tensor:
     bad = CorruptFileError(f"{name}: tensor {key!r} does not match its recorded shape {shape}; write it again.")
     if t.layout == torch.strided:
+        checks.check_tensor(t, limits)  # an in-bounds view, no stride-0 inflation
         if list(t.shape) != shape:
             raise bad
         return t
-    if (
-        t.layout != torch.sparse_csr
-        or t.dim() != 2
-        or t.values().dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    ):
+    if t.layout != torch.sparse_csr or t.dim() != 2 or t.values().dtype not in _CSR_DTYPES:
         raise CorruptFileError(f"{name}: tensor {key!r} is not a dense or 2-D floating CSR tensor; write it again.")
     if t.numel() != math.prod(shape):
         raise bad
+    for part in (t.crow_indices(), t.col_indices(), t.values()):
+        checks.check_tensor(part, limits)
     values = t.values()
     try:
         # integer add of the stored bits onto zeros: exact for -0.0 and NaN payloads, unlike a float to_dense()
@@ -633,28 +637,6 @@ def _first_strings(data: bytes, n: int) -> list[str]:
             if len(strings) == n:
                 break
     return strings
-
-
-def _check_torch_zip(path: Path, limits: Limits) -> None:
-    """Before torch.load: every entry stored uncompressed, sizes within the file, entry count and pickle capped."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CorruptFileError(f"{path.name} is not a complete torch.save file ({_why(e)}); write it again.") from None
-    if len(infos) > limits.max_zip_entries:
-        raise LimitExceededError(
-            f"{path.name} has {len(infos)} zip entries, over the limit (PRUNEAPP_MAX_ZIP_ENTRIES)."
-        )
-    if (
-        any(i.compress_type != zipfile.ZIP_STORED for i in infos)
-        or sum(i.file_size for i in infos) > path.stat().st_size
-    ):
-        raise CorruptFileError(f"{path.name} has compressed or oversized zip entries, which torch.save never writes.")
-    if any(i.filename.endswith("data.pkl") and i.file_size > limits.max_pickle_bytes for i in infos):
-        raise LimitExceededError(f"{path.name}: its data.pkl is over the limit (PRUNEAPP_MAX_PICKLE_BYTES).")
 
 
 def _why(e: BaseException) -> str:

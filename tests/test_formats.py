@@ -15,6 +15,7 @@ import pytest
 import torch
 import zstandard
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import pruneapp
 from pruneapp import formats
@@ -27,7 +28,7 @@ from pruneapp.errors import (
 )
 from pruneapp.formats import FORMATS, load_snippet, output_name, parse_formats, read_weights, write_outputs
 from pruneapp.limits import Limits
-from pruneapp.loading import LoadedModel
+from pruneapp.loading import LoadedModel, load_model
 
 PRUNED = ["fc.weight", "conv.weight", "half.weight", "brain.weight", "embed.weight", "vec", "busy.weight", "view"]
 
@@ -61,44 +62,21 @@ def pruned_weights() -> dict[str, torch.Tensor]:
     }
 
 
-class StandInModel(LoadedModel):
-    """LoadedModel whose rebuild() puts the weights back in a state_dict or checkpoint, as the loader does."""
-
-    def rebuild(self, weights: dict[str, torch.Tensor], drop_extras: bool = False) -> object:
-        if self.structure == "checkpoint":
-            return {"model_state_dict": dict(weights), **({} if drop_extras else self.extras)}
-        return dict(weights)
-
-
-def make_model(path: Path, structure: str = "state_dict", **kw: object) -> LoadedModel:
-    kind = "safetensors" if structure == "safetensors" else "torch-zip"
-    weights = pruned_weights()
-    return StandInModel(path=path, kind=kind, structure=structure, weights=weights, file_bytes=1000, **kw)
+def saved(weights: dict[str, torch.Tensor], path: Path, structure: str = "state_dict", **extras: object) -> LoadedModel:
+    """``weights`` written to a real file in ``structure`` and loaded back the way uploads are."""
+    if structure == "safetensors":
+        plain = {k: t.clone() for k, t in weights.items() if k != "head.weight"}  # safetensors cannot tie
+        save_file(plain, str(path), metadata={"format": "pt", "author": "me"})
+    else:
+        torch.save({"model_state_dict": weights, **extras} if structure == "checkpoint" else weights, path)
+    model = load_model(path)
+    if "head.weight" in weights:
+        model.weights["head.weight"] = model.weights["embed.weight"]  # as pruning a tied model gives it back
+    return model
 
 
-@pytest.fixture(autouse=True)
-def _stand_in_loader(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Until pruneapp.loading.load_model exists: a minimal safe loader for our own dense outputs."""
-    from pruneapp import loading
-
-    try:
-        loading.load_model(Path("/nonexistent/probe.pt"))
-    except NotImplementedError:
-        monkeypatch.setattr(loading, "load_model", _load_minimal)
-    except Exception:
-        return
-
-
-def _load_minimal(path: Path, limits: Limits | None = None) -> LoadedModel:
-    if Path(path).read_bytes()[:2] != b"PK":
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        return LoadedModel(Path(path), "safetensors", "safetensors", load_file(str(path)), metadata=meta)
-    obj = torch.load(path, weights_only=True, map_location="cpu")
-    weights = obj.get("model_state_dict", obj)
-    return LoadedModel(Path(path), "torch-zip", "state_dict", weights)
+def make_model(path: Path, structure: str = "state_dict", **extras: object) -> LoadedModel:
+    return saved(pruned_weights(), path, structure, **extras)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +149,7 @@ def test_every_format_reads_back_bit_for_bit(tmp_path: Path, fmt: str) -> None:
 
 @pytest.mark.parametrize("fmt", ["dense", "dense.zst", "csr"])
 def test_safetensors_input_round_trips_with_ties_and_metadata(tmp_path: Path, fmt: str) -> None:
-    model = make_model(tmp_path / "m.safetensors", "safetensors", metadata={"format": "pt", "author": "me"})
+    model = make_model(tmp_path / "m.safetensors", "safetensors")
     [out] = write(tmp_path, model, (fmt,))
     assert out.path.name == output_name("m", fmt, safetensors=True)
     assert_same_weights(read_weights(out.path), model.weights)
@@ -184,8 +162,6 @@ def test_safetensors_input_round_trips_with_ties_and_metadata(tmp_path: Path, fm
 
 
 def test_damaged_safetensors_aliases_are_refused(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
     path = tmp_path / "m.pruned.safetensors"
     for aliases in ('{"b": "missing"}', "not json", '{"a": "a"}'):
         save_file({"a": torch.ones(2)}, str(path), metadata={formats.ALIASES_METADATA_KEY: aliases})
@@ -215,7 +191,7 @@ def test_csr_file_is_plain_torch_with_int32_csr_for_pruned_tensors(tmp_path: Pat
 
 def test_csr_is_smaller_than_dense_at_high_sparsity(tmp_path: Path) -> None:
     weights = {"w": _sparse((256, 256), torch.float32, 0.1, 9)}
-    model = StandInModel(tmp_path / "w.pt", "torch-zip", "state_dict", weights)
+    model = saved(weights, tmp_path / "w.pt")
     dense, csr = write_outputs(model, weights, ["w"], tmp_path / "out", "w", ("dense", "csr"))
     assert csr.bytes < 0.7 * dense.bytes
 
@@ -223,7 +199,8 @@ def test_csr_is_smaller_than_dense_at_high_sparsity(tmp_path: Path) -> None:
 def test_views_into_larger_storages_are_saved_compactly(tmp_path: Path) -> None:
     big = torch.randn(1000, 100)
     weights = {"part": big[10:12], "alias": big[10:12]}
-    model = StandInModel(tmp_path / "v.pt", "torch-zip", "state_dict", weights)
+    model = saved(weights, tmp_path / "v.pt")
+    assert model.weights["part"].untyped_storage().nbytes() == 400_000  # loaded as a view, as saved
     dense, csr = write_outputs(model, weights, [], tmp_path / "out", "v", ("dense", "csr"))
     assert dense.bytes < 20_000 and csr.bytes < 20_000  # the whole storage is 400 kB
     got = read_weights(dense.path)
@@ -232,7 +209,7 @@ def test_views_into_larger_storages_are_saved_compactly(tmp_path: Path) -> None:
 
 def test_extras_are_kept_or_dropped(tmp_path: Path) -> None:
     extras = {"epoch": 3, "optimizer": {"state": {0: {"exp_avg": torch.ones(4)}}, "param_groups": []}}
-    model = make_model(tmp_path / "ckpt.pth", "checkpoint", extras=extras)
+    model = make_model(tmp_path / "ckpt.pth", "checkpoint", **extras)
     kept = write(tmp_path, model, ("dense", "csr"))
     dense = torch.load(kept[0].path, weights_only=True)
     csr = torch.load(kept[1].path, weights_only=True)
@@ -248,7 +225,7 @@ def test_negative_zero_nan_and_inf_survive_every_format(tmp_path: Path) -> None:
     w[0, :4] = torch.tensor([-0.0, float("nan"), float("inf"), -float("inf")])
     w[1, 5] = -0.0
     weights = {"w": w, "h": w.to(torch.float16), "b": w.to(torch.bfloat16)}
-    model = StandInModel(tmp_path / "z.pt", "torch-zip", "state_dict", weights)
+    model = saved(weights, tmp_path / "z.pt")
     for out in write_outputs(model, weights, list(weights), tmp_path / "out", "z"):
         got = read_weights(out.path)
         for key, t in weights.items():
@@ -299,12 +276,12 @@ def test_the_input_is_never_overwritten(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     source = out_dir / "m.pruned.pt"
-    source.write_bytes(b"input")
     model = make_model(source)
+    before = source.read_bytes()
     for force in (False, True):
         with pytest.raises(SettingsError, match="overwrite the input"):
             write(tmp_path, model, force=force)
-    assert source.read_bytes() == b"input"
+    assert source.read_bytes() == before
 
 
 def test_output_folder_that_is_a_file_is_refused(tmp_path: Path) -> None:
@@ -318,9 +295,10 @@ def test_a_failed_write_leaves_neither_output_nor_temporary(tmp_path: Path, monk
         Path(f).write_bytes(b"partial")
         raise OSError("disk full")
 
+    model = make_model(tmp_path / "m.pt")
     monkeypatch.setattr(formats.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        write(tmp_path, make_model(tmp_path / "m.pt"), ("dense.zst",))
+        write(tmp_path, model, ("dense.zst",))
     assert list((tmp_path / "out").iterdir()) == []
 
 
