@@ -82,11 +82,21 @@ class LoadedModel:
     skeleton: Any = field(default=None, repr=False)
 
     def rebuild(self, weights: dict[str, torch.Tensor], drop_extras: bool = False) -> Any:
-        """The object to torch.save for a dense output: the input's structure with ``weights`` in it."""
+        """The object to torch.save for a dense output: the input's structure with ``weights`` in it.
+
+        ``drop_extras`` turns a checkpoint into its plain state_dict (no optimizer state, epoch, ...).
+        """
         if self.skeleton is None:
             return dict(weights)
-        extras = {} if drop_extras else self.extras
-        out = _fill(self.skeleton, weights, extras)
+        if drop_extras and self.weights_key is not None:  # a checkpoint without its extras is its state_dict
+            skeleton = self.skeleton[self.weights_key]
+            if not isinstance(skeleton, dict):
+                return dict(weights)
+            out = _fill(skeleton, weights, {})
+            placed = set(_leaf_keys(skeleton))
+            out.update({k: t for k, t in weights.items() if k not in placed})
+            return out
+        out = _fill(self.skeleton, weights, self.extras)
         placed = set(_leaf_keys(self.skeleton))
         if any(k not in placed for k in weights):  # keys the input did not have go next to the weights
             root = out[self.weights_key] if self.weights_key in out else out
