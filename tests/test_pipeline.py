@@ -96,3 +96,13 @@ def test_sweep_measures_each_format_at_each_sparsity(mlp_file: Path) -> None:
 def test_out_dir_that_is_a_file_is_refused(tmp_path: Path, mlp_file: Path) -> None:
     with pytest.raises(SettingsError, match="not a directory"):
         prune_file(mlp_file, PruneSettings(), out_dir=mlp_file)
+
+
+def test_dropping_extras_writes_a_plain_state_dict(tmp_path: Path, checkpoint_file: Path) -> None:
+    report, out = prune_file(checkpoint_file, PruneSettings(sparsity=0.5), out_dir=tmp_path / "o", drop_extras=True)
+    dense = torch.load(out / "ckpt.pruned.pt", weights_only=True)
+    original = torch.load(checkpoint_file, weights_only=True)
+    assert dense.keys() == original["model_state_dict"].keys()
+    kept = prune_file(checkpoint_file, PruneSettings(sparsity=0.5), out_dir=tmp_path / "k")[0]
+    size = {o.format: o.bytes for o in report.outputs}
+    assert all(size[o.format] < o.bytes for o in kept.outputs)
