@@ -256,9 +256,33 @@ class _Counter:
                 raise LimitExceededError(
                     f"the file holds more than {self.limit} tensors, over the limit (PRUNEAPP_MAX_TENSORS)."
                 )
+            _check_view(args, fn is torch._utils._rebuild_tensor_v3)
             return fn(*args)
 
         return rebuild
+
+
+def _check_view(args: tuple[Any, ...], v3: bool) -> None:
+    """The view a rebuild asks for must lie inside its storage (meta storages would silently grow to fit)."""
+    if len(args) < 4 or not isinstance(args[0], torch.storage.TypedStorage):
+        raise CorruptFileError("a tensor in the file is malformed; it is damaged.")
+    storage, offset, size, stride = args[:4]
+    dtype = args[6] if v3 and len(args) > 6 else storage.dtype
+    if not isinstance(dtype, torch.dtype) or not _ints(size) or not _ints(stride) or len(size) != len(stride):
+        raise CorruptFileError("a tensor in the file has a malformed shape or stride; it is damaged.")
+    if type(offset) is not int or offset < 0:
+        raise CorruptFileError("a tensor in the file has a negative storage offset; it is damaged.")
+    if 0 in size:
+        return
+    span = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+    if span * _itemsize(dtype) > storage._untyped_storage.nbytes():
+        raise CorruptFileError(
+            f"a tensor of shape {tuple(size)} reaches past the end of its storage; the file is damaged or forged."
+        )
+
+
+def _ints(values: Any) -> bool:
+    return isinstance(values, tuple | list | torch.Size) and all(type(v) is int and v >= 0 for v in values)
 
 
 def _globals(limits: Limits) -> dict[str, Any]:
