@@ -631,8 +631,8 @@ def _is_csr_zip(path: Path) -> bool:
 def _first_strings(data: bytes, n: int) -> list[str]:
     strings: list[str] = []
     with contextlib.suppress(Exception):  # a truncated or odd prefix just yields fewer strings
-        for _op, arg, _pos in pickletools.genops(io.BytesIO(data)):
-            if isinstance(arg, str) and _op.name.endswith("UNICODE"):
+        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+            if isinstance(arg, str) and op.name.endswith("UNICODE"):
                 strings.append(arg)
             if len(strings) == n:
                 break
