@@ -88,18 +88,17 @@ class LoadedModel:
         """
         if self.skeleton is None:
             return dict(weights)
-        if drop_extras and self.weights_key is not None:  # a checkpoint without its extras is its state_dict
-            skeleton = self.skeleton[self.weights_key]
-            if not isinstance(skeleton, dict):
-                return dict(weights)
-            out = _fill(skeleton, weights, {})
-            placed = set(_leaf_keys(skeleton))
-            out.update({k: t for k, t in weights.items() if k not in placed})
-            return out
-        out = _fill(self.skeleton, weights, self.extras)
-        placed = set(_leaf_keys(self.skeleton))
+        skeleton, extras = self.skeleton, self.extras
+        if drop_extras:
+            extras = {}
+            if self.weights_key is not None:  # a checkpoint without its extras is its state_dict
+                skeleton = skeleton[self.weights_key]
+                if not isinstance(skeleton, dict):
+                    return dict(weights)
+        out = _fill(skeleton, weights, extras)
+        placed = set(_leaf_keys(skeleton))
         if any(k not in placed for k in weights):  # keys the input did not have go next to the weights
-            root = out[self.weights_key] if self.weights_key in out else out
+            root = out[self.weights_key] if skeleton is self.skeleton and self.weights_key in out else out
             root.update({k: t for k, t in weights.items() if k not in placed})
         return out
 
@@ -216,7 +215,8 @@ def _looks_like_text(head: bytes) -> bool:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         text = head[:-3].decode("utf-8", errors="replace")
-    return sum(c.isprintable() or c in "\r\n\t" for c in text) >= 0.95 * max(1, len(text))
+    printable = sum((c.isprintable() and c != "\ufffd") or c in "\r\n\t" for c in text)
+    return printable >= 0.95 * max(1, len(text))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,13 +534,18 @@ def _leaf_keys(skeleton: Any) -> list[str]:
 
 
 def _tie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain tensors; keys that share one storage at the same offset, shape and stride get the very same object."""
+    """Plain tensors; keys that share one storage at the same offset, shape and stride get the very same object.
+
+    Parameters become tensors without grad and conj/neg views are resolved, as ``state_dict()`` would give them.
+    """
     plain: dict[int, torch.Tensor] = {}
     same: dict[tuple[Any, ...], torch.Tensor] = {}
     out = {}
     for key, t in weights.items():
-        if type(t) is not torch.Tensor or t.requires_grad:
-            t = plain.setdefault(id(t), t.detach())
+        if type(t) is not torch.Tensor or t.requires_grad or t.is_conj() or t.is_neg():
+            if id(t) not in plain:
+                plain[id(t)] = t.detach().resolve_conj().resolve_neg()
+            t = plain[id(t)]
         ptr = t.untyped_storage().data_ptr()
         if ptr == 0 or t.numel() == 0:
             out[key] = t
