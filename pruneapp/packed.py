@@ -1,0 +1,680 @@
+"""The packed format: per tensor a position stream and byte-shuffled kept values, each zstd-compressed.
+
+Pruned tensors store where their nonzeros are (a 1-bit mask, or gaps between them when that is
+smaller) and only the kept values, split into byte planes (as blosc's shuffle filter does).
+Low-entropy byte streams with at most 16 distinct bytes are first packed several symbols to a byte,
+which brings zstd's Huffman stage to within about 1% of their entropy. The layout is in
+docs/packed-format.md; reading treats the file as untrusted input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import zstandard
+
+from pruneapp.entropy import INT_VIEW as _INT_VIEW
+from pruneapp.entropy import binary_entropy, byte_rows, entropy_bits, kept_rows, nonzero_mask, tie_key
+from pruneapp.errors import CorruptFileError, LimitExceededError, SettingsError, UnsupportedFileError
+from pruneapp.limits import Limits, default_limits
+
+MAGIC = b"\x89PRUNEPK\r\n\x1a\n"  # 12 bytes; the \r\n and \x1a catch text-mode mangling, as in PNG
+EXTENSION = ".pruneapp"
+FORMAT_VERSION = 1
+DEFAULT_LEVEL = 3
+
+Progress = Callable[[str, float], None]
+
+_PREFIX = struct.Struct("<12sI")  # magic, format version
+_FOOTER = struct.Struct("<QQQI4s")  # header offset, header length, JSON size, crc32 of header bytes, end mark
+_END_MARK = b"PKND"
+_DATA_START = _PREFIX.size
+_RAW_ENTROPY = 7.9  # bits per byte above which zstd cannot win enough to pay for its time
+_OPTIMAL_LEVEL = 16  # zstd levels from here on use optimal parsing, which picks its own matches
+_MT_BYTES = 8 << 20  # streams this large also use zstd's own worker threads
+_MAX_WINDOW = 1 << 27  # largest zstd window a level <= 22 frame needs
+_MAX_DIMS = 64
+_CHUNK = 1 << 16  # elements per decode step: its temporaries stay in cache
+_WORKERS = os.cpu_count() or 1
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
+_ENCODINGS = {"dense", "mask", "gaps", "alias"}
+_CODECS = {"raw", "zstd"}
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+        torch.uint16, torch.uint32, torch.uint64,
+        torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+    )
+}  # fmt: skip
+
+
+@dataclass
+class _Stream:
+    """One encoded byte stream: the payload on disk and how to turn it back into `size` bytes."""
+
+    codec: str  # "raw" | "zstd"
+    payload: bytes | np.ndarray
+    symbols: list[int] | None = None  # the stream's distinct bytes, most frequent first, when symbol-packed
+
+
+@dataclass
+class _Spec:
+    """A validated stream record from the header."""
+
+    offset: int
+    length: int
+    codec: str
+    symbols: list[int] | None
+    size: int  # decoded bytes
+
+
+@dataclass
+class _Entry:
+    """A validated tensor record from the header."""
+
+    name: str
+    encoding: str
+    dtype: torch.dtype | None = None
+    shape: tuple[int, ...] = ()
+    kept: int = 0
+    width: int = 0  # bytes per gap, "gaps" encoding only
+    crc32: int = 0
+    streams: tuple[_Spec, ...] = ()
+    alias_of: str = ""
+
+
+# ---- symbol packing: s <= 16 distinct bytes -> floor(log_s 256) symbols per byte -------------------------
+
+
+def _per_byte(s: int) -> int:
+    return next(m for m in range(8, 0, -1) if s**m <= 256)
+
+
+def _pack_symbols(data: np.ndarray, hist: torch.Tensor) -> tuple[list[int], np.ndarray]:
+    """Map bytes to frequency ranks and pack m ranks per byte, first rank in the lowest digit."""
+    order = torch.argsort(hist, descending=True, stable=True)
+    symbols = [int(x) for x in order[: int((hist > 0).sum())]]
+    s = len(symbols)
+    if s == 1:
+        return symbols, np.empty(0, np.uint8)
+    rank = np.zeros(256, np.uint8)
+    rank[symbols] = np.arange(s, dtype=np.uint8)
+    m = _per_byte(s)
+    ranks = np.zeros(-(-data.size // m) * m, np.uint8)
+    ranks[: data.size] = rank[data]
+    ranks = ranks.reshape(-1, m)
+    codes = ranks[:, m - 1].copy()
+    for j in range(m - 2, -1, -1):
+        codes *= s
+        codes += ranks[:, j]
+    return symbols, codes
+
+
+def _unpack_symbols(codes: np.ndarray, symbols: list[int], size: int) -> np.ndarray:
+    s = len(symbols)
+    if s == 1:
+        return np.full(size, symbols[0], np.uint8)
+    m = _per_byte(s)
+    digits = (np.arange(256)[:, None] // s ** np.arange(m)[None, :]) % s  # (256, m); rows >= s**m are never written
+    table = np.asarray(symbols, np.uint8)[digits]
+    return table[codes].reshape(-1)[:size]
+
+
+def _packed_size(size: int, symbols: list[int] | None) -> int:
+    """Bytes the codec must produce for a stream of `size` decoded bytes."""
+    if symbols is None:
+        return size
+    return 0 if len(symbols) == 1 else -(-size // _per_byte(len(symbols)))
+
+
+# ---- encoding ---------------------------------------------------------------------------------------------
+
+
+def _zstd(data: np.ndarray, level: int, threads: int) -> bytes:
+    """zstd at ``level``; below the optimal-parsing levels, matches shorter than 7 bytes are not searched:
+    these streams are mostly literals, where short matches cost more than they save (measured: -2% on masks)."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level,
+        min_match=7 if level < _OPTIMAL_LEVEL else 0,
+        threads=threads if data.size >= _MT_BYTES else 0,
+    )
+    return zstandard.ZstdCompressor(compression_params=params).compress(memoryview(data))
+
+
+def _encode_stream(data: np.ndarray, level: int, threads: int, hist: torch.Tensor | None = None) -> _Stream:
+    """The smallest of: raw, zstd, or symbol-packed then raw or zstd."""
+    if data.size == 0:
+        return _Stream("raw", data)
+    hist = _histogram(data) if hist is None else hist
+    if int((hist > 0).sum()) <= 16:
+        symbols, codes = _pack_symbols(data, hist)
+        return _smaller(_Stream("raw", codes, symbols), _Stream("zstd", _zstd(codes, level, threads), symbols))
+    if entropy_bits(hist) > _RAW_ENTROPY:
+        return _Stream("raw", data)
+    return _smaller(_Stream("raw", data), _Stream("zstd", _zstd(data, level, threads)))
+
+
+def _smaller(a: _Stream, b: _Stream) -> _Stream:
+    return b if len(b.payload) < len(a.payload) else a
+
+
+def _histogram(data: np.ndarray) -> torch.Tensor:
+    return torch.bincount(torch.from_numpy(data), minlength=256)
+
+
+def _planes(rows: torch.Tensor) -> np.ndarray:
+    """(itemsize, n) byte planes: plane i holds byte i of every element (little-endian)."""
+    return rows.t().contiguous().numpy()
+
+
+def _dense_is_smaller(n: int, k: int, hists: list[torch.Tensor]) -> bool:
+    """Estimate from order-0 entropies whether storing zeros beats storing positions."""
+    if k == n:
+        return True
+    sparse = n * binary_entropy(k / n) / 8 + sum(k * entropy_bits(h) / 8 for h in hists)
+    dense = 0.0
+    for h in hists:
+        h = h.clone()
+        h[0] += n - k
+        dense += n * entropy_bits(h) / 8
+    return dense < sparse
+
+
+def _gap_planes(mask: torch.Tensor) -> tuple[int, np.ndarray]:
+    """Gaps between kept positions (zeros skipped before each), as little-endian byte planes."""
+    pos = torch.nonzero(mask).view(-1)
+    gaps = torch.diff(pos, prepend=torch.tensor([-1])) - 1
+    top = int(gaps.max()) if gaps.numel() else 0
+    width = next(w for w in (1, 2, 4, 8) if top < 256**w)
+    gaps = gaps.to(_INT_VIEW[width]) if width < 8 else gaps
+    return width, _planes(gaps.view(torch.uint8).view(-1, width))
+
+
+def _position_streams(mask: torch.Tensor, k: int, pool: _Pool) -> tuple[str, int, list[_Stream]]:
+    """The smaller of a packed bit mask and gap planes (tried only below 25% density)."""
+    bits = np.packbits(mask.numpy(), bitorder="little")
+    best = ("mask", 0, [pool.stream(bits)])
+    if 4 * k <= mask.numel():
+        width, planes = _gap_planes(mask)
+        gaps = ("gaps", width, pool.streams(list(planes)))
+        if _total(gaps[2]) < _total(best[2]):
+            best = gaps
+    return best
+
+
+def _total(streams: list[_Stream]) -> int:
+    return sum(len(s.payload) for s in streams)
+
+
+class _Pool:
+    """Encodes streams on worker threads (zstd releases the GIL)."""
+
+    def __init__(self, level: int, threads: int) -> None:
+        self.level, self.threads = level, threads
+        workers = (os.cpu_count() or 1) if threads < 0 else max(threads, 1)
+        self.executor = ThreadPoolExecutor(max_workers=workers)
+
+    def stream(self, data: np.ndarray, hist: torch.Tensor | None = None) -> _Stream:
+        return _encode_stream(data, self.level, self.threads, hist)
+
+    def streams(self, planes: list[np.ndarray], hists: list[torch.Tensor] | None = None) -> list[_Stream]:
+        hists = hists or [None] * len(planes)
+        return list(self.executor.map(self.stream, planes, hists))
+
+
+def _encode_tensor(t: torch.Tensor, pool: _Pool) -> tuple[dict, list[_Stream]]:
+    """Header record (without offsets) and streams for one contiguous CPU tensor."""
+    rows = byte_rows(t)
+    n = rows.shape[0]
+    record = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "crc32": zlib.crc32(rows.numpy())}
+    mask = nonzero_mask(rows)
+    k = int(mask.sum())
+    planes = _planes(kept_rows(rows, mask) if k < n else rows)
+    hists = [_histogram(p) for p in planes]
+    if _dense_is_smaller(n, k, hists):
+        if k < n:
+            planes = _planes(rows)
+            hists = [_histogram(p) for p in planes]
+        return {**record, "encoding": "dense"}, pool.streams(list(planes), hists)
+    encoding, width, positions = _position_streams(mask, k, pool)
+    del mask
+    record = {**record, "encoding": encoding, "kept": k} | ({"width": width} if encoding == "gaps" else {})
+    return record, positions + pool.streams(list(planes), hists)
+
+
+def _check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise UnsupportedFileError(f"{name!r} is a {type(value).__name__}, not a tensor; pass tensors only.")
+    if value.layout != torch.strided or value.is_quantized:
+        raise UnsupportedFileError(f"tensor {name!r} is sparse or quantized; convert it with .to_dense() first.")
+    if value.dtype not in _DTYPES.values():
+        raise UnsupportedFileError(f"tensor {name!r} has dtype {value.dtype}, which packed files do not store.")
+    return value
+
+
+def write_packed(
+    weights: dict[str, torch.Tensor],
+    path: str | Path,
+    level: int = DEFAULT_LEVEL,
+    threads: int = -1,
+    progress: Progress | None = None,
+) -> None:
+    """Write ``weights`` to ``path`` tensor by tensor; keys sharing a tensor are stored once, as aliases."""
+    if not 1 <= level <= 22:
+        raise SettingsError(f"zstd level {level} is out of range; choose a level from 1 to 22.")
+    pool = _Pool(level, threads)
+    records: list[dict] = []
+    seen: dict[object, str] = {}
+    try:
+        with open(path, "wb") as f:
+            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION))
+            for i, (name, value) in enumerate(weights.items()):
+                if progress:
+                    progress(f"packing {name}", i / max(len(weights), 1))
+                records.append(_write_tensor(f, name, value, pool, seen))
+            _write_header(f, records)
+    finally:
+        pool.executor.shutdown()
+    if progress:
+        progress("packed", 1.0)
+
+
+def _write_tensor(f: BinaryIO, name: str, value: object, pool: _Pool, seen: dict[object, str]) -> dict:
+    t = _check_tensor(name, value)
+    keys = {("id", id(t)), tie_key(t)} - {None}
+    for key in keys & seen.keys():
+        return {"name": name, "encoding": "alias", "of": seen[key]}
+    seen.update(dict.fromkeys(keys, name))
+    record, streams = _encode_tensor(t, pool)
+    specs = []
+    for s in streams:
+        specs.append({"offset": f.tell(), "length": len(s.payload), "codec": s.codec})
+        if s.symbols is not None:
+            specs[-1]["symbols"] = s.symbols
+        f.write(s.payload)
+    return {"name": name, **record, "streams": specs}
+
+
+def _write_header(f: BinaryIO, records: list[dict]) -> None:
+    text = json.dumps(
+        {"format": "pruneapp-packed", "version": FORMAT_VERSION, "tensors": records}, separators=(",", ":")
+    )
+    raw = text.encode()
+    blob = zstandard.ZstdCompressor(level=9).compress(raw)
+    offset = f.tell()
+    f.write(blob)
+    f.write(_FOOTER.pack(offset, len(blob), len(raw), zlib.crc32(blob), _END_MARK))
+
+
+# ---- reading and validation -------------------------------------------------------------------------------
+
+
+def _corrupt(path: Path, what: str) -> CorruptFileError:
+    return CorruptFileError(f"{path.name} is not a valid packed file ({what}); re-create it with pruneapp.")
+
+
+def _read_header(f: BinaryIO, path: Path, size: int, limits: Limits) -> list:
+    if size > limits.max_file_bytes:
+        raise LimitExceededError(
+            f"{path.name} is {size} bytes, over max_file_bytes={limits.max_file_bytes}; raise PRUNEAPP_MAX_FILE_BYTES."
+        )
+    head = f.read(_PREFIX.size)
+    if len(head) < _PREFIX.size or not head.startswith(MAGIC):
+        raise UnsupportedFileError(f"{path.name} is not a pruneapp packed file (its first bytes are not {MAGIC!r}).")
+    version = _PREFIX.unpack(head)[1]
+    if version != FORMAT_VERSION:
+        raise UnsupportedFileError(
+            f"{path.name} is packed format version {version}; this pruneapp reads version {FORMAT_VERSION}, upgrade it."
+        )
+    if size < _DATA_START + _FOOTER.size:
+        raise _corrupt(path, "truncated before its footer")
+    f.seek(size - _FOOTER.size)
+    offset, length, raw_size, crc, mark = _FOOTER.unpack(f.read(_FOOTER.size))
+    if mark != _END_MARK or offset < _DATA_START or offset + length != size - _FOOTER.size:
+        raise _corrupt(path, "truncated or bad footer")
+    if raw_size > limits.max_pickle_bytes:
+        raise LimitExceededError(
+            f"{path.name} has a {raw_size}-byte header, over max_pickle_bytes={limits.max_pickle_bytes}; "
+            "raise PRUNEAPP_MAX_PICKLE_BYTES."
+        )
+    f.seek(offset)
+    blob = f.read(length)
+    if zlib.crc32(blob) != crc:
+        raise _corrupt(path, "header checksum mismatch")
+    text = _decompress(blob, raw_size, path, "header")
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):
+        raise _corrupt(path, "header is not valid JSON") from None
+    if (
+        not isinstance(header, dict)
+        or header.get("version") != FORMAT_VERSION
+        or not isinstance(header.get("tensors"), list)
+    ):
+        raise _corrupt(path, "header lacks a version or a tensor list")
+    return header["tensors"]
+
+
+def _decompress(payload: bytes, size: int, path: Path, what: str) -> bytes:
+    """Decompress one zstd frame that must hold exactly ``size`` bytes (never allocating more)."""
+    try:
+        declared = zstandard.frame_content_size(payload)
+        if declared not in (-1, size):
+            raise _corrupt(path, f"{what} declares {declared} bytes, expected {size}")
+        out = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).decompress(
+            payload, max_output_size=size, allow_extra_data=False
+        )
+    except zstandard.ZstdError as e:
+        raise _corrupt(path, f"{what}: {e}") from None
+    if len(out) != size:
+        raise _corrupt(path, f"{what} holds {len(out)} bytes, expected {size}")
+    return out
+
+
+class _Validator:
+    """Checks header records against the format and the limits, tracking names, totals and byte ranges."""
+
+    def __init__(self, path: Path, data_end: int, limits: Limits) -> None:
+        self.path, self.data_end, self.limits = path, data_end, limits
+        self.names: dict[str, bool] = {}  # name -> is a stored (non-alias) tensor
+        self.ranges: list[tuple[int, int]] = []
+        self.total = self.bytes = 0
+
+    def fail(self, what: str) -> CorruptFileError:
+        return _corrupt(self.path, what)
+
+    def entries(self, records: list) -> list[_Entry]:
+        if len(records) > self.limits.max_tensors:
+            raise LimitExceededError(
+                f"{self.path.name} lists {len(records)} tensors, over max_tensors={self.limits.max_tensors}; "
+                "raise PRUNEAPP_MAX_TENSORS."
+            )
+        entries = [self.entry(r) for r in records]
+        self.ranges.sort()
+        for (a_start, a_len), (b_start, _) in zip(self.ranges, self.ranges[1:], strict=False):
+            if a_start + a_len > b_start:
+                raise self.fail("two streams overlap")
+        return entries
+
+    def entry(self, r: object) -> _Entry:
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str) or r.get("encoding") not in _ENCODINGS:
+            raise self.fail("a tensor record lacks a name or a known encoding")
+        name = r["name"]
+        if name in self.names:
+            raise self.fail(f"tensor {name!r} is listed twice")
+        if r["encoding"] == "alias":
+            if self.names.get(r.get("of")) is not True:
+                raise self.fail(f"alias {name!r} does not point to an earlier stored tensor")
+            self.names[name] = False
+            return _Entry(name, "alias", alias_of=r["of"])
+        self.names[name] = True
+        return self.stored(name, r)
+
+    def stored(self, name: str, r: dict) -> _Entry:
+        dtype = _DTYPES.get(r.get("dtype")) if isinstance(r.get("dtype"), str) else None
+        if dtype is None:
+            raise UnsupportedFileError(f"tensor {name!r} in {self.path.name} has unknown dtype {r.get('dtype')!r}.")
+        shape = r.get("shape")
+        if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_count(d) for d in shape):
+            raise self.fail(f"tensor {name!r} has a bad shape")
+        n = self.count(name, shape, _itemsize(dtype))
+        e = _Entry(name, r["encoding"], dtype, tuple(shape), crc32=r.get("crc32"))
+        if not _is_count(e.crc32) or e.crc32 > 0xFFFFFFFF:
+            raise self.fail(f"tensor {name!r} has a bad checksum field")
+        e.kept = r.get("kept", n) if e.encoding != "dense" else n
+        e.width = r.get("width", 0) if e.encoding == "gaps" else 0
+        if not _is_count(e.kept) or e.kept > n or (e.encoding == "gaps" and e.width not in (1, 2, 4, 8)):
+            raise self.fail(f"tensor {name!r} has a bad kept count or gap width")
+        e.streams = self.streams(name, r.get("streams"), _stream_sizes(e, n))
+        return e
+
+    def count(self, name: str, shape: list[int], itemsize: int) -> int:
+        """Element count of one tensor, checked with the running totals against the limits."""
+        n = math.prod(shape)
+        if n > self.limits.max_tensor_elements:
+            raise LimitExceededError(
+                f"tensor {name!r} in {self.path.name} has {n} elements, over max_tensor_elements="
+                f"{self.limits.max_tensor_elements}; raise PRUNEAPP_MAX_TENSOR_ELEMENTS."
+            )
+        self.total += n
+        self.bytes += n * itemsize
+        if self.total > self.limits.max_total_elements:
+            raise LimitExceededError(
+                f"{self.path.name} holds over max_total_elements={self.limits.max_total_elements} elements; "
+                "raise PRUNEAPP_MAX_TOTAL_ELEMENTS."
+            )
+        if self.bytes > self.limits.max_decompressed_bytes:
+            raise LimitExceededError(
+                f"{self.path.name} decodes to over max_decompressed_bytes={self.limits.max_decompressed_bytes} bytes; "
+                "raise PRUNEAPP_MAX_DECOMPRESSED_BYTES."
+            )
+        return n
+
+    def streams(self, name: str, raw: object, sizes: list[int]) -> tuple[_Spec, ...]:
+        if not isinstance(raw, list) or len(raw) != len(sizes):
+            raise self.fail(f"tensor {name!r} has {len(raw) if isinstance(raw, list) else 'no'} streams")
+        return tuple(self.spec(name, s, size) for s, size in zip(raw, sizes, strict=True))
+
+    def spec(self, name: str, s: object, size: int) -> _Spec:
+        if not isinstance(s, dict) or s.get("codec") not in _CODECS:
+            raise self.fail(f"tensor {name!r} has a stream with an unknown codec")
+        offset, length, symbols = s.get("offset"), s.get("length"), s.get("symbols")
+        if not (_is_count(offset) and _is_count(length)) or offset < _DATA_START or offset + length > self.data_end:
+            raise self.fail(f"tensor {name!r} has a stream outside the data area")
+        if symbols is not None and not _valid_symbols(symbols):
+            raise self.fail(f"tensor {name!r} has a bad symbol table")
+        spec = _Spec(offset, length, s["codec"], symbols, size)
+        if spec.codec == "raw" and length != _packed_size(size, symbols):
+            raise self.fail(f"tensor {name!r} has a raw stream of the wrong length")
+        if length:
+            self.ranges.append((offset, length))
+        return spec
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _valid_symbols(symbols: object) -> bool:
+    return (
+        isinstance(symbols, list)
+        and 1 <= len(symbols) <= 16
+        and all(_is_count(v) and v < 256 for v in symbols)
+        and len(set(symbols)) == len(symbols)
+    )
+
+
+def _stream_sizes(e: _Entry, n: int) -> list[int]:
+    """Decoded size of each stream, in file order, implied by the encoding."""
+    itemsize = _itemsize(e.dtype)
+    if e.encoding == "dense":
+        return [n] * itemsize
+    positions = [-(-n // 8)] if e.encoding == "mask" else [e.kept] * e.width
+    return positions + [e.kept] * itemsize
+
+
+def _decompress_into(payload: bytes, out: np.ndarray, path: Path, what: str) -> None:
+    """Decompress one zstd frame into ``out``, which it must fill exactly (never allocating more)."""
+    try:
+        declared = zstandard.frame_content_size(payload)
+        if declared not in (-1, out.size):
+            raise _corrupt(path, f"{what} declares {declared} bytes, expected {out.size}")
+        reader = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).stream_reader(payload)
+        view, got = memoryview(out), 0
+        while got < out.size and (step := reader.readinto(view[got:])):
+            got += step
+        extra = reader.readinto(bytearray(1))
+    except zstandard.ZstdError as e:
+        raise _corrupt(path, f"{what}: {e}") from None
+    if got != out.size or extra:
+        raise _corrupt(path, f"{what} does not hold the expected {out.size} bytes")
+
+
+def _fill(payload: bytes | None, spec: _Spec, out: np.ndarray, path: Path, what: str) -> None:
+    """Decode one stream into ``out`` (spec.size bytes); raw unpacked streams were read into it already."""
+    if payload is None:
+        return
+    target = out if spec.symbols is None else np.empty(_packed_size(spec.size, spec.symbols), np.uint8)
+    if spec.codec == "raw":
+        target[:] = np.frombuffer(payload, np.uint8)
+    else:
+        _decompress_into(payload, target, path, what)
+    if spec.symbols is not None:
+        out[:] = _unpack_symbols(target, spec.symbols, spec.size)
+
+
+def _read_streams(f: BinaryIO, e: _Entry, path: Path, executor: ThreadPoolExecutor) -> list[np.ndarray]:
+    """All streams of one tensor, decoded, decompressing on worker threads."""
+    outs = [np.empty(s.size, np.uint8) for s in e.streams]
+    payloads: list[bytes | None] = []
+    for spec, out in zip(e.streams, outs, strict=True):
+        f.seek(spec.offset)
+        direct = spec.codec == "raw" and spec.symbols is None
+        got = f.readinto(memoryview(out)) if direct else len(payload := f.read(spec.length))
+        if got != spec.length:
+            raise _corrupt(path, f"a stream of tensor {e.name!r} is truncated")
+        payloads.append(None if direct else payload)
+    what = f"a stream of tensor {e.name!r}"
+    list(executor.map(lambda job: _fill(*job, path, what), zip(payloads, e.streams, outs, strict=True)))
+    return outs
+
+
+def _elements(rows: np.ndarray) -> np.ndarray:
+    """1-D view with one item per row, as unsigned integers where the width allows (fast fancy indexing)."""
+    w = rows.shape[1]
+    return rows.view(f"<u{w}" if w in (1, 2, 4, 8) else f"V{w}").reshape(-1)
+
+
+def _rows(planes: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Elements start..stop interleaved from their byte planes, one item each."""
+    rows = np.empty((stop - start, len(planes)), np.uint8)
+    for i, plane in enumerate(planes):
+        rows[:, i] = plane[start:stop]
+    return _elements(rows)
+
+
+def _mask_starts(e: _Entry, bits: np.ndarray, n: int, path: Path) -> np.ndarray:
+    """Index of the first kept value of each chunk, checking the mask's population count."""
+    counts = np.add.reduceat(_POPCOUNT[bits], np.arange(0, bits.size, _CHUNK // 8), dtype=np.int64)
+    if int(counts.sum()) != e.kept or (n % 8 and int(bits[-1]) >> (n % 8)):
+        raise _corrupt(path, f"tensor {e.name!r} has a mask with the wrong number of kept values")
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
+def _gap_positions(e: _Entry, planes: list[np.ndarray], n: int, path: Path) -> np.ndarray:
+    """Indices of the kept elements, summed from the gaps before each."""
+    gaps = _rows(planes, 0, e.kept)
+    if int(gaps.max()) >= n:
+        raise _corrupt(path, f"tensor {e.name!r} has a gap beyond its end")
+    index = np.cumsum(gaps.astype(np.int64) + 1) - 1  # < k * n < 2**62: no overflow
+    if int(index[-1]) >= n:
+        raise _corrupt(path, f"tensor {e.name!r} has a kept position beyond its end")
+    return index
+
+
+Step = Callable[[int], None]  # decodes chunk j of a tensor into its output; chunks are independent
+
+
+def _dense_steps(planes: list[np.ndarray], items: np.ndarray) -> tuple[int, Step]:
+    n = items.size
+
+    def step(j: int) -> None:
+        start, stop = j * _CHUNK, min(n, (j + 1) * _CHUNK)
+        items[start:stop] = _rows(planes, start, stop)
+
+    return -(-n // _CHUNK), step
+
+
+def _gap_steps(e: _Entry, streams: list[np.ndarray], items: np.ndarray, path: Path) -> tuple[int, Step]:
+    planes, index = streams[e.width :], _gap_positions(e, streams[: e.width], items.size, path)
+
+    def step(j: int) -> None:
+        start, stop = j * _CHUNK, min(e.kept, (j + 1) * _CHUNK)
+        items[index[start:stop]] = _rows(planes, start, stop)
+
+    return -(-e.kept // _CHUNK), step
+
+
+def _mask_steps(e: _Entry, streams: list[np.ndarray], items: np.ndarray, path: Path) -> tuple[int, Step]:
+    bits, planes, n = streams[0], streams[1:], items.size
+    starts = _mask_starts(e, bits, n, path)
+
+    def step(j: int) -> None:
+        start, stop = j * _CHUNK, min(n, (j + 1) * _CHUNK)
+        chunk = np.unpackbits(bits[start // 8 : -(-stop // 8)], count=stop - start, bitorder="little")
+        index = np.flatnonzero(chunk.view(np.bool_))
+        items[start:stop][index] = _rows(planes, int(starts[j]), int(starts[j]) + index.size)
+
+    return -(-n // _CHUNK), step
+
+
+def _decode(e: _Entry, streams: list[np.ndarray], path: Path, executor: ThreadPoolExecutor) -> torch.Tensor:
+    n, w = math.prod(e.shape), _itemsize(e.dtype)
+    out = np.zeros((n, w), np.uint8) if e.encoding != "dense" else np.empty((n, w), np.uint8)
+    if n and e.kept:
+        items = _elements(out)
+        if e.encoding == "dense":
+            count, step = _dense_steps(streams, items)
+        elif e.encoding == "gaps":
+            count, step = _gap_steps(e, streams, items, path)
+        else:
+            count, step = _mask_steps(e, streams, items, path)
+        groups = np.array_split(np.arange(count), min(count, _WORKERS))
+        list(executor.map(lambda group: [step(int(j)) for j in group], groups))
+    if zlib.crc32(out) != e.crc32:
+        raise _corrupt(path, f"tensor {e.name!r} fails its checksum")
+    if e.dtype == torch.bool and bool((out > 1).any()):
+        raise _corrupt(path, f"tensor {e.name!r} holds bool bytes other than 0 and 1")
+    return torch.from_numpy(out.reshape(-1)).view(e.dtype).view(e.shape)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _read_tensors(f: BinaryIO, path: Path, entries: list[_Entry], executor: ThreadPoolExecutor) -> Iterator:
+    out: dict[str, torch.Tensor] = {}
+    for e in entries:
+        if e.encoding != "alias":
+            out[e.name] = _decode(e, _read_streams(f, e, path, executor), path, executor)
+        yield e.name, out[e.alias_of or e.name]
+
+
+def _open(f: BinaryIO, path: Path, limits: Limits | None) -> tuple[list[dict], list[_Entry]]:
+    limits = limits or default_limits()
+    size = os.fstat(f.fileno()).st_size
+    records = _read_header(f, path, size, limits)
+    return records, _Validator(path, size - _FOOTER.size, limits).entries(records)
+
+
+def read_header(path: str | Path, limits: Limits | None = None) -> list[dict]:
+    """The validated per-tensor records of a packed file (name, dtype, shape, encoding, streams), without decoding."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return _open(f, path, limits)[0]
+
+
+def read_packed(path: str | Path, limits: Limits | None = None) -> dict[str, torch.Tensor]:
+    """Read a packed file back bit-for-bit; tied keys come back as the same tensor object."""
+    path = Path(path)
+    with open(path, "rb") as f, ThreadPoolExecutor(max_workers=_WORKERS) as executor:
+        entries = _open(f, path, limits)[1]
+        try:
+            return dict(_read_tensors(f, path, entries, executor))
+        except (ValueError, RuntimeError, OverflowError, IndexError) as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise _corrupt(path, f"undecodable data: {detail}") from None
