@@ -115,7 +115,7 @@ def detect_kind(path: str | Path) -> str:
         return "zstd"
     if (magic := _packed_magic()) and head.startswith(magic):
         return "pruneapp-packed"
-    if head.startswith(LEGACY_MAGIC):
+    if head.startswith(LEGACY_MAGIC) or (head[:1] == b"\x80" and unpickling.is_legacy_magic(head[:64])):
         return "torch-legacy"
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 1 << 40:
         return "safetensors"

@@ -476,7 +476,7 @@ class DryRun:
 
     tree: Any
     refs: dict[str, StorageRef]
-    foreign: bool  # names something outside torch's weights-only allowlist: read it with SafeUnpickler instead
+    foreign: bool  # torch.load cannot read it (a name outside its allowlist, protocol != 2): use SafeUnpickler
 
 
 def dry_run(data: bytes | BinaryIO, limits: Limits) -> DryRun:
@@ -484,7 +484,16 @@ def dry_run(data: bytes | BinaryIO, limits: Limits) -> DryRun:
     storages = Storages()
     unpickler = SafeUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, storages, limits)
     tree = unpickler.load()
-    return DryRun(tree, storages.refs, unpickler.foreign)
+    # torch's weights-only unpickler speaks protocol 2 only (torch.save's default)
+    return DryRun(tree, storages.refs, unpickler.foreign or unpickler.proto != 2)
+
+
+def is_legacy_magic(head: bytes) -> bool:
+    """Whether ``head`` starts with the pickled magic number of a legacy torch.save file (any pickle protocol)."""
+    try:
+        return unpickle(head, Storages(), Limits()) == _LEGACY_MAGIC
+    except Exception:  # anything else, even a refused payload, is simply not that magic number
+        return False
 
 
 def read_legacy_preamble(fh: BinaryIO, limits: Limits) -> None:

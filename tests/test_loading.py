@@ -262,8 +262,32 @@ def test_checkpoint_holding_a_full_model(tmp_path: Path, mlp: nn.Module) -> None
     assert rebuilt["epoch"] == 4 and list(rebuilt["model"]) == list(mlp.state_dict())
 
 
+def test_torchscript_code_is_only_read(tmp_path: Path, mlp: nn.Module) -> None:
+    marker = tmp_path / "marker"
+    original = script(mlp, tmp_path / "script.pt")
+    path = tmp_path / "hostile.pt"
+    with zipfile.ZipFile(original) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("code/__torch__/conftest.py"):
+                data += f"\nopen({str(marker)!r}, 'w').close()\nwhile True:\n  pass\n".encode()
+            dst.writestr(info, data)
+    assert_same(load_model(path).weights, mlp.state_dict())
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Other kinds
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pickle_protocol_4_files(tmp_path: Path, legacy: bool, tied: nn.Module) -> None:
+    path = tmp_path / "p4.pt"
+    torch.save(tied.state_dict(), path, pickle_protocol=4, _use_new_zipfile_serialization=not legacy)
+    model = load_model(path)
+    assert model.kind == ("torch-legacy" if legacy else "torch-zip")
+    assert_same(model.weights, tied.state_dict())
+    assert model.weights["embed.weight"] is model.weights["lm_head.weight"]
 
 
 def test_legacy_state_dict(tmp_path: Path, cnn: nn.Module) -> None:
