@@ -228,6 +228,8 @@ def _safe_bytearray(*args: Any) -> bytearray:
 
 
 def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    if not getattr(func, "rebuilds_tensor", False):
+        raise UnsafeFileError(f"the file asks to rebuild a tensor with {func!r}; pruneapp refused it.")
     if new_type not in (torch.Tensor, torch.nn.Parameter):
         raise UnsupportedFileError(
             f"holds tensors of class {getattr(new_type, 'qualname', new_type)}; save plain tensors instead"
@@ -259,6 +261,7 @@ class _Counter:
             _check_view(args, fn is torch._utils._rebuild_tensor_v3)
             return fn(*args)
 
+        rebuild.rebuilds_tensor = True  # type: ignore[attr-defined]  # the only funcs _rebuild_from_type may call
         return rebuild
 
 

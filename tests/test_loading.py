@@ -142,6 +142,13 @@ def test_conjugate_views_are_resolved(tmp_path: Path) -> None:
     assert not got.is_conj() and torch.equal(got, z.conj())
 
 
+def test_tensors_with_python_attributes_load(tmp_path: Path) -> None:
+    t = torch.ones(3)
+    t.note = "calibrated"
+    for legacy in (False, True):
+        assert torch.equal(load_model(save({"w": t}, tmp_path / f"a{legacy}.pt", legacy)).weights["w"], t)
+
+
 def test_nan_inf_and_negative_zero_survive(tmp_path: Path) -> None:
     w = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1.0])
     got = load_model(save({"w": w}, tmp_path / "t.pt")).weights["w"]

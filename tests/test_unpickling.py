@@ -144,8 +144,12 @@ def test_protocol_4_payload_is_refused(tmp_path: Path) -> None:
         (b"\x80\x02cbuiltins\nset\n)R}b.", "set the state of set"),  # BUILD on a set
         (b"\x80\x02]X\x01\x00\x00\x00aK\x01s.", "set items of an object of type list"),
         (b"\x80\x02(K\x01K\x02t)R.", "call"),  # REDUCE on a tuple
+        (  # _rebuild_from_type_v2(torch.Tensor, torch.Tensor, (2**31 - ...,), {}): the legacy constructor
+            b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\n(ctorch\nTensor\nctorch\nTensor\nJ\x00\x00\x00\x7f\x85}tR.",
+            "rebuild a tensor with",
+        ),
     ],
-    ids=["tensor-ctor", "bytearray-bomb", "build-set", "setitem-list", "call-tuple"],
+    ids=["tensor-ctor", "bytearray-bomb", "build-set", "setitem-list", "call-tuple", "rebuild-ctor"],
 )
 def test_operations_outside_the_allowlist_are_refused(data: bytes, match: str) -> None:
     with pytest.raises(UnsafeFileError, match=match):
