@@ -1,0 +1,41 @@
+"""Reading our own formats back (read_weights) is untrusted input too: crafted .zst and CSR files are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hostile_cases import CASES, TEST_LIMITS, Case, assert_outcome, params
+
+from pruneapp.errors import CorruptFileError, PruneAppError
+from pruneapp.formats import read_weights
+from pruneapp.loading import LoadedModel
+
+ZIP_NAME_GAP = "read_weights names the decompressed temporary file (model.pt) instead of the .zst the user gave"
+
+
+def _as_read_weights(case: Case) -> Case:
+    """The same file and expectation, except where read_weights rightly differs from load_model."""
+    if case.name == "pruneapp CSR file with out-of-range indices":  # read_weights reads our CSR format
+        return Case(case.name, case.build, CorruptFileError, "col_indices")
+    if case.name == "zstd around a malicious pickle":
+        return Case(case.name, case.build, case.error, case.match, gap=ZIP_NAME_GAP)
+    return case
+
+
+READ_CASES = [_as_read_weights(c) for c in CASES if c.name.startswith("zstd") or "CSR" in c.name]
+
+
+def read(path: Path) -> LoadedModel | PruneAppError:
+    """read_weights' result as a LoadedModel, so that the cases' checks apply unchanged."""
+    try:
+        weights = read_weights(path, TEST_LIMITS)
+    except PruneAppError as e:
+        return e
+    return LoadedModel(path, "output", "state_dict", weights)
+
+
+@pytest.mark.parametrize("case", params(READ_CASES))
+def test_read_weights_refuses_crafted_outputs(case: Case, tmp_path: Path) -> None:
+    path = case.build(tmp_path)
+    assert_outcome(case, read(path), tmp_path, path)
