@@ -62,10 +62,21 @@ class ZipLayout:
     prefix: str
     infos: dict[str, zipfile.ZipInfo]
     torchscript: bool
+    big_endian: bool = False  # saved on a big-endian machine: only torch.load byte-swaps such storages
 
     @property
     def pickle_name(self) -> str:
         return f"{self.prefix}/data.pkl"
+
+
+def check_zip_directory(fh: BinaryIO, limits: Limits, name: str) -> None:
+    """Count a zip's entries from its end record, before zipfile parses a central directory of any size."""
+    end = zipfile._EndRecData(fh)  # the stdlib's own end-record reader (handles zip64)
+    if end is None:
+        raise CorruptFileError(f"{name} is not a complete zip archive (no end record); it is truncated or damaged.")
+    entries = end[zipfile._ECD_ENTRIES_TOTAL]
+    if entries > limits.max_zip_entries:
+        raise _limit(f"{name} has too many zip entries", entries, limits.max_zip_entries, "PRUNEAPP_MAX_ZIP_ENTRIES")
 
 
 def check_zip(zf: zipfile.ZipFile, file_bytes: int, limits: Limits, name: str) -> ZipLayout:
@@ -83,6 +94,8 @@ def check_zip(zf: zipfile.ZipFile, file_bytes: int, limits: Limits, name: str) -
         raise UnsafeFileError(f"{name}'s zip entries claim more bytes than the file holds; it is damaged or forged.")
     for info in infos:
         _check_entry(info, prefix, file_bytes, name)
+    byteorder = by_name.get(f"{prefix}/byteorder")
+    layout.big_endian = byteorder is not None and byteorder.file_size < 16 and zf.read(byteorder).strip() == b"big"
     pickle_bytes = by_name[layout.pickle_name].file_size
     if pickle_bytes > limits.max_pickle_bytes:
         raise _limit(f"{name}'s data.pkl size", pickle_bytes, limits.max_pickle_bytes, "PRUNEAPP_MAX_PICKLE_BYTES")

@@ -166,7 +166,7 @@ def _zip_kind(path: Path) -> str:
             f"{path.name} is a zip archive but not a PyTorch file (it has no data.pkl); "
             "upload a torch.save or .safetensors file."
         )
-    script = any(n.count("/") == 1 and n.endswith("/constants.pkl") or "/code/" in n for n in names)
+    script = any((n.count("/") == 1 and n.endswith("/constants.pkl")) or "/code/" in n for n in names)
     return "torchscript" if script else "torch-zip"
 
 
@@ -237,6 +237,8 @@ def _load(path: Path, limits: Limits) -> LoadedModel:
 
 
 def _load_zip(path: Path, size: int, limits: Limits) -> LoadedModel:
+    with open(path, "rb") as fh:
+        checks.check_zip_directory(fh, limits, path.name)
     with zipfile.ZipFile(path) as zf:
         layout = checks.check_zip(zf, size, limits, path.name)
         if layout.torchscript:
@@ -245,7 +247,7 @@ def _load_zip(path: Path, size: int, limits: Limits) -> LoadedModel:
         dry = _dry_run(pkl, limits)
         checks.check_storage_records(dry.refs.values(), layout, path.name)
         if dry.foreign:
-            obj = unpickling.unpickle(pkl, unpickling.ZipStorages(zf, layout.prefix), limits)
+            obj = unpickling.unpickle(pkl, _zip_storages(zf, layout, path.name), limits)
         else:
             checks.verify_crc(zf, layout)
             obj = _torch_load(path)
@@ -258,10 +260,19 @@ def _load_script(path: Path, size: int, zf: zipfile.ZipFile, layout: checks.ZipL
     pkl = zf.read(layout.pickle_name)
     dry = _dry_run(pkl, limits)
     checks.check_storage_records(dry.refs.values(), layout, path.name)
-    obj = unpickling.unpickle(pkl, unpickling.ZipStorages(zf, layout.prefix), limits)
+    obj = unpickling.unpickle(pkl, _zip_storages(zf, layout, path.name), limits)
     checks.validate_tree(obj, limits)
     weights = _tie(unpickling.script_state_dict(obj, classes))
     return LoadedModel(path, "torchscript", "torchscript", weights, notes=[SCRIPT_NOTE], file_bytes=size)
+
+
+def _zip_storages(zf: zipfile.ZipFile, layout: checks.ZipLayout, name: str) -> unpickling.ZipStorages:
+    if layout.big_endian:
+        raise UnsupportedFileError(
+            f"{name} was saved on a big-endian machine; load it there in trusted code and re-save: "
+            "torch.save(model.state_dict(), 'model.pt')."
+        )
+    return unpickling.ZipStorages(zf, layout.prefix)
 
 
 def _load_legacy(path: Path, size: int, limits: Limits) -> LoadedModel:

@@ -45,7 +45,7 @@ _DATA_STDLIB = frozenset(
         "_codecs",
     }
 )
-_SAFE_BUILTINS = ("set", "frozenset", "complex", "slice", "range")
+_SAFE_BUILTINS = ("set", "frozenset", "complex", "slice", "range", "object")  # object: copyreg's base class
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 

@@ -136,6 +136,32 @@ def test_entry_count_and_pickle_size_are_capped(tmp_path: Path) -> None:
         layout_of(path, Limits(max_pickle_bytes=10))
 
 
+def test_entry_count_is_read_from_the_end_record_first(tmp_path: Path) -> None:
+    path = write_zip(tmp_path / "m.pt", {}, {}, extra=tuple(f"archive/x{i}" for i in range(10)))
+    with open(path, "rb") as fh:
+        checks.check_zip_directory(fh, LIMITS, "m.pt")
+        with pytest.raises(LimitExceededError, match="too many zip entries"):
+            checks.check_zip_directory(fh, Limits(max_zip_entries=5), "m.pt")
+    path.write_bytes(path.read_bytes()[:-10])
+    with open(path, "rb") as fh, pytest.raises(CorruptFileError, match="no end record"):
+        checks.check_zip_directory(fh, LIMITS, "m.pt")
+
+
+def test_big_endian_files_are_only_read_by_torch(tmp_path: Path) -> None:
+    plain = write_zip(tmp_path / "be.pt", {"w": FakeTensor(FakeStorage("0", 1), (1,), (1,))}, {"0": floats(1)})
+    with zipfile.ZipFile(plain, "a") as zf:
+        zf.writestr("archive/byteorder", b"big")
+    assert layout_of(plain).big_endian
+    swapped = torch.frombuffer(bytearray(floats(1)[::-1]), dtype=torch.float32)
+    assert torch.equal(load_model(plain).weights["w"], swapped)  # torch.load swaps the bytes
+    args = FakeStorage("1", 1)
+    foreign = write_zip(tmp_path / "be2.pt", {"w": FakeTensor(args, (1,), (1,)), "cfg": frozenset()}, {"1": floats(1)})
+    with zipfile.ZipFile(foreign, "a") as zf:
+        zf.writestr("archive/byteorder", b"big")
+    with pytest.raises(UnsupportedFileError, match="big-endian"):
+        load_model(foreign)
+
+
 def test_entry_sizes_that_add_up_past_the_file_are_refused(tmp_path: Path) -> None:
     path = write_zip(tmp_path / "m.pt", {"w": FakeTensor(FakeStorage("0", 1), (1,), (1,))}, {"0": floats(1)})
     with zipfile.ZipFile(path) as zf:

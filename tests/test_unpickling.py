@@ -68,6 +68,13 @@ def test_unknown_classes_become_inert_stand_ins_that_record_their_state() -> Non
     assert unpickling.module_state(cfg) == {"lr": 0.1, "tags": ["a"]}
 
 
+@pytest.mark.parametrize("protocol", [0, 1, 2, 4, 5])
+def test_every_pickle_protocol_gives_stand_ins(protocol: int) -> None:
+    obj = load(pickle.dumps({"cfg": Hyper(), "s": {1, 2}, "f": frozenset({3})}, protocol=protocol))
+    assert isinstance(obj["cfg"], StandIn) and unpickling.module_state(obj["cfg"]) == {"lr": 0.1, "tags": ["a"]}
+    assert obj["s"] == {1, 2} and obj["f"] == frozenset({3})
+
+
 def test_same_class_name_gives_one_stand_in_class() -> None:
     obj = load(pickle.dumps([Hyper(), Hyper()], protocol=2))
     assert type(obj[0]) is type(obj[1]) and obj[0] is not obj[1]
