@@ -14,7 +14,7 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,13 +411,13 @@ class _Validator:
         return entries
 
     def entry(self, r: object) -> _Entry:
-        if not isinstance(r, dict) or not isinstance(r.get("name"), str) or r.get("encoding") not in _ENCODINGS:
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not _one_of(r.get("encoding"), _ENCODINGS):
             raise self.fail("a tensor record lacks a name or a known encoding")
         name = r["name"]
         if name in self.names:
             raise self.fail(f"tensor {name!r} is listed twice")
         if r["encoding"] == "alias":
-            if self.names.get(r.get("of")) is not True:
+            if not isinstance(r.get("of"), str) or self.names.get(r["of"]) is not True:
                 raise self.fail(f"alias {name!r} does not point to an earlier stored tensor")
             self.names[name] = False
             return _Entry(name, "alias", alias_of=r["of"])
@@ -425,7 +425,7 @@ class _Validator:
         return self.stored(name, r)
 
     def stored(self, name: str, r: dict) -> _Entry:
-        dtype = _DTYPES.get(r.get("dtype")) if isinstance(r.get("dtype"), str) else None
+        dtype = _DTYPES[r["dtype"]] if _one_of(r.get("dtype"), _DTYPES) else None
         if dtype is None:
             raise UnsupportedFileError(f"tensor {name!r} in {self.path.name} has unknown dtype {r.get('dtype')!r}.")
         shape = r.get("shape")
@@ -470,7 +470,7 @@ class _Validator:
         return tuple(self.spec(name, s, size) for s, size in zip(raw, sizes, strict=True))
 
     def spec(self, name: str, s: object, size: int) -> _Spec:
-        if not isinstance(s, dict) or s.get("codec") not in _CODECS:
+        if not isinstance(s, dict) or not _one_of(s.get("codec"), _CODECS):
             raise self.fail(f"tensor {name!r} has a stream with an unknown codec")
         offset, length, symbols = s.get("offset"), s.get("length"), s.get("symbols")
         if not (_is_count(offset) and _is_count(length)) or offset < _DATA_START or offset + length > self.data_end:
@@ -483,6 +483,10 @@ class _Validator:
         if length:
             self.ranges.append((offset, length))
         return spec
+
+
+def _one_of(x: object, options: Collection[str]) -> bool:
+    return isinstance(x, str) and x in options
 
 
 def _is_count(x: object) -> bool:
