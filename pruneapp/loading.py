@@ -311,7 +311,7 @@ def _load_zstd(path: Path, size: int, limits: Limits) -> LoadedModel:
     from pruneapp.formats import decompress_file
 
     with tempfile.TemporaryDirectory(prefix="pruneapp-") as tmp:
-        inner = Path(tmp) / (path.name.removesuffix(".zst") or "inner")
+        inner = Path(tmp) / path.name  # messages about the content then name the file the user gave
         inner_bytes = decompress_file(path, inner, limits.max_decompressed_bytes)
         kind = detect_kind(inner)
         if kind == "zstd":

@@ -568,10 +568,12 @@ class ScriptClass:
 
     parameters: tuple[str, ...]
     buffers: tuple[str, ...]
+    custom_state: bool = False  # defines __setstate__: only its code knows which saved value is which attribute
 
 
 _CLASS_LINE = re.compile(r"class\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 _DECL_LINE = re.compile(r"\s+(__parameters__|__buffers__)\s*=\s*(\[.*\])\s*")
+_SETSTATE_LINE = re.compile(r"\s+def\s+__setstate__\s*\(")
 
 
 def script_classes(sources: dict[str, str]) -> dict[str, ScriptClass]:
@@ -589,13 +591,16 @@ def script_classes(sources: dict[str, str]) -> dict[str, ScriptClass]:
                 current, decl = m.group(1), {}
             elif current and (m := _DECL_LINE.fullmatch(line)):
                 decl[m.group(1)] = _name_list(m.group(2), f"{module}.{current}")
+            elif current and _SETSTATE_LINE.match(line):
+                decl["__setstate__"] = True
         _store_class(classes, module, current, decl)
     return classes
 
 
 def _store_class(classes: dict[str, ScriptClass], module: str, name: str | None, decl: dict[str, tuple]) -> None:
     if name and "__parameters__" in decl:
-        classes[f"{module}.{name}"] = ScriptClass(decl["__parameters__"], decl.get("__buffers__", ()))
+        custom = bool(decl.get("__setstate__"))
+        classes[f"{module}.{name}"] = ScriptClass(decl["__parameters__"], decl.get("__buffers__", ()), custom)
 
 
 def _name_list(text: str, owner: str) -> tuple[str, ...]:
@@ -622,7 +627,15 @@ def _script_into(
 ) -> None:
     if id(obj) in path:
         raise CorruptFileError("the TorchScript module contains itself; the archive is damaged.")
-    decl, state = classes[obj.qualname], module_state(obj)
+    decl, state = classes[obj.qualname], obj.state
+    if decl.custom_state:
+        raise UnsupportedFileError(
+            f"the TorchScript class {obj.qualname} defines __setstate__, so only running its code would tell which "
+            "saved value is which weight, and pruneapp never runs code from a file. In trusted code, load it and "
+            "re-save: torch.save(torch.jit.load(PATH).state_dict(), 'model.pt')"
+        )
+    if not isinstance(state, dict):
+        raise CorruptFileError(f"the TorchScript object of {obj.qualname} holds no attributes; the archive is damaged.")
     for name in (*decl.parameters, *decl.buffers):
         if state.get(name) is not None:
             out[prefix + name] = _as_tensor(state[name], prefix + name)

@@ -351,7 +351,7 @@ def test_zstd_around_a_payload_runs_nothing(tmp_path: Path) -> None:
     inner = save({"w": torch.ones(2), "x": Payload(os.system, f"touch {marker}")}, tmp_path / "evil.pt")
     path = tmp_path / "evil.pt.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(inner.read_bytes()))
-    with pytest.raises(UnsafeFileError, match="posix.system"):
+    with pytest.raises(UnsafeFileError, match=r"^evil\.pt\.zst: the file asks to run posix\.system"):
         load_model(path)
     assert not marker.exists()
 

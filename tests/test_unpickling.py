@@ -301,6 +301,37 @@ def test_script_classes_reads_declarations_without_running_them() -> None:
     }
 
 
+class CustomState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, bool]:
+        return (self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]) -> None:
+        self.weight = state[0]
+        self.training = state[1]
+
+
+def test_script_with_custom_setstate_is_refused_not_guessed(tmp_path: Path) -> None:
+    path = tmp_path / "custom.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(CustomState()), str(path))
+    with zipfile.ZipFile(path) as zf:
+        sources = {n.split("/code/", 1)[1]: zf.read(n).decode() for n in zf.namelist() if n.endswith(".py")}
+    classes = unpickling.script_classes(sources)
+    assert [c.custom_state for c in classes.values()] == [True]
+    with pytest.raises(UnsupportedFileError, match="defines __setstate__"):
+        unpickling.script_state_dict(read_full(path), classes)
+
+
 def test_script_classes_refuses_malformed_declarations() -> None:
     with pytest.raises(CorruptFileError, match="malformed"):
         unpickling.script_classes({"__torch__.py": "class M(Module):\n  __parameters__ = [__import__('os')]\n"})
