@@ -68,6 +68,7 @@ class _Stream:
 
     codec: str  # "raw" | "zstd"
     payload: bytes | np.ndarray
+    crc32: int  # of the decoded bytes
     symbols: list[int] | None = None  # the stream's distinct bytes, most frequent first, when symbol-packed
 
 
@@ -80,6 +81,7 @@ class _Spec:
     codec: str
     symbols: list[int] | None
     size: int  # decoded bytes
+    crc32: int  # of the decoded bytes
 
 
 @dataclass
@@ -92,7 +94,6 @@ class _Entry:
     shape: tuple[int, ...] = ()
     kept: int = 0
     width: int = 0  # bytes per gap, "gaps" encoding only
-    crc32: int = 0
     streams: tuple[_Spec, ...] = ()
     alias_of: str = ""
 
@@ -157,15 +158,18 @@ def _zstd(data: np.ndarray, level: int, threads: int) -> bytes:
 
 def _encode_stream(data: np.ndarray, level: int, threads: int, hist: torch.Tensor | None = None) -> _Stream:
     """The smallest of: raw, zstd, or symbol-packed then raw or zstd."""
+    crc = zlib.crc32(data)
     if data.size == 0:
-        return _Stream("raw", data)
+        return _Stream("raw", data, crc)
     hist = _histogram(data) if hist is None else hist
     if int((hist > 0).sum()) <= 16:
         symbols, codes = _pack_symbols(data, hist)
-        return _smaller(_Stream("raw", codes, symbols), _Stream("zstd", _zstd(codes, level, threads), symbols))
+        return _smaller(
+            _Stream("raw", codes, crc, symbols), _Stream("zstd", _zstd(codes, level, threads), crc, symbols)
+        )
     if entropy_bits(hist) > _RAW_ENTROPY:
-        return _Stream("raw", data)
-    return _smaller(_Stream("raw", data), _Stream("zstd", _zstd(data, level, threads)))
+        return _Stream("raw", data, crc)
+    return _smaller(_Stream("raw", data, crc), _Stream("zstd", _zstd(data, level, threads), crc))
 
 
 def _smaller(a: _Stream, b: _Stream) -> _Stream:
@@ -240,7 +244,7 @@ def _encode_tensor(t: torch.Tensor, pool: _Pool) -> tuple[dict, list[_Stream]]:
     """Header record (without offsets) and streams for one contiguous CPU tensor."""
     rows = byte_rows(t)
     n = rows.shape[0]
-    record = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "crc32": zlib.crc32(rows.numpy())}
+    record = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
     mask = nonzero_mask(rows)
     k = int(mask.sum())
     planes = _planes(kept_rows(rows, mask) if k < n else rows)
@@ -302,7 +306,7 @@ def _write_tensor(f: BinaryIO, name: str, value: object, pool: _Pool, seen: dict
     record, streams = _encode_tensor(t, pool)
     specs = []
     for s in streams:
-        specs.append({"offset": f.tell(), "length": len(s.payload), "codec": s.codec})
+        specs.append({"offset": f.tell(), "length": len(s.payload), "codec": s.codec, "crc32": s.crc32})
         if s.symbols is not None:
             specs[-1]["symbols"] = s.symbols
         f.write(s.payload)
@@ -432,9 +436,7 @@ class _Validator:
         if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_count(d) for d in shape):
             raise self.fail(f"tensor {name!r} has a bad shape")
         n = self.count(name, shape, _itemsize(dtype))
-        e = _Entry(name, r["encoding"], dtype, tuple(shape), crc32=r.get("crc32"))
-        if not _is_count(e.crc32) or e.crc32 > 0xFFFFFFFF:
-            raise self.fail(f"tensor {name!r} has a bad checksum field")
+        e = _Entry(name, r["encoding"], dtype, tuple(shape))
         e.kept = r.get("kept", n) if e.encoding != "dense" else n
         e.width = r.get("width", 0) if e.encoding == "gaps" else 0
         if not _is_count(e.kept) or e.kept > n or (e.encoding == "gaps" and e.width not in (1, 2, 4, 8)):
@@ -472,12 +474,14 @@ class _Validator:
     def spec(self, name: str, s: object, size: int) -> _Spec:
         if not isinstance(s, dict) or not _one_of(s.get("codec"), _CODECS):
             raise self.fail(f"tensor {name!r} has a stream with an unknown codec")
-        offset, length, symbols = s.get("offset"), s.get("length"), s.get("symbols")
+        offset, length, symbols, crc = s.get("offset"), s.get("length"), s.get("symbols"), s.get("crc32")
         if not (_is_count(offset) and _is_count(length)) or offset < _DATA_START or offset + length > self.data_end:
             raise self.fail(f"tensor {name!r} has a stream outside the data area")
         if symbols is not None and not _valid_symbols(symbols):
             raise self.fail(f"tensor {name!r} has a bad symbol table")
-        spec = _Spec(offset, length, s["codec"], symbols, size)
+        if not _is_count(crc) or crc > 0xFFFFFFFF:
+            raise self.fail(f"tensor {name!r} has a stream without a valid checksum")
+        spec = _Spec(offset, length, s["codec"], symbols, size, crc)
         if spec.codec == "raw" and length != _packed_size(size, symbols):
             raise self.fail(f"tensor {name!r} has a raw stream of the wrong length")
         if length:
@@ -529,16 +533,18 @@ def _decompress_into(payload: bytes, out: np.ndarray, path: Path, what: str) -> 
 
 
 def _fill(payload: bytes | None, spec: _Spec, out: np.ndarray, path: Path, what: str) -> None:
-    """Decode one stream into ``out`` (spec.size bytes); raw unpacked streams were read into it already."""
-    if payload is None:
-        return
-    target = out if spec.symbols is None else np.empty(_packed_size(spec.size, spec.symbols), np.uint8)
-    if spec.codec == "raw":
-        target[:] = np.frombuffer(payload, np.uint8)
-    else:
-        _decompress_into(payload, target, path, what)
-    if spec.symbols is not None:
-        out[:] = _unpack_symbols(target, spec.symbols, spec.size)
+    """Decode one stream into ``out`` (spec.size bytes; raw unpacked streams were read into it already), then
+    check its checksum."""
+    if payload is not None:
+        target = out if spec.symbols is None else np.empty(_packed_size(spec.size, spec.symbols), np.uint8)
+        if spec.codec == "raw":
+            target[:] = np.frombuffer(payload, np.uint8)
+        else:
+            _decompress_into(payload, target, path, what)
+        if spec.symbols is not None:
+            out[:] = _unpack_symbols(target, spec.symbols, spec.size)
+    if zlib.crc32(out) != spec.crc32:
+        raise _corrupt(path, f"{what} fails its checksum")
 
 
 def _read_streams(f: BinaryIO, e: _Entry, path: Path, executor: ThreadPoolExecutor) -> list[np.ndarray]:
@@ -639,8 +645,6 @@ def _decode(e: _Entry, streams: list[np.ndarray], path: Path, executor: ThreadPo
             count, step = _mask_steps(e, streams, items, path)
         groups = np.array_split(np.arange(count), min(count, _WORKERS))
         list(executor.map(lambda group: [step(int(j)) for j in group], groups))
-    if zlib.crc32(out) != e.crc32:
-        raise _corrupt(path, f"tensor {e.name!r} fails its checksum")
     if e.dtype == torch.bool and bool((out > 1).any()):
         raise _corrupt(path, f"tensor {e.name!r} holds bool bytes other than 0 and 1")
     return torch.from_numpy(out.reshape(-1)).view(e.dtype).view(e.shape)
