@@ -7,7 +7,6 @@ Run with ``streamlit run app.py``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 import shutil
 import tempfile
@@ -34,7 +33,6 @@ SESSION_DIR_PREFIX = "pruneapp-session-"
 STALE_SESSION_SECONDS = 12 * 3600  # left behind by a crashed or killed server
 SWEEP_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 NM_PATTERNS = ("2:4", "1:4", "4:8", "1:2")
-DEFAULT_ZSTD_LEVEL: int = inspect.signature(pipeline.prune_file).parameters["zstd_level"].default
 
 METHOD_HELP = {
     "global-l1": "Removes the smallest weights of the whole model at one threshold: the default, best for files.",
@@ -160,9 +158,7 @@ def sidebar_source(limits: Limits, workdir: Path) -> Source:
         help="A torch.save file (.pt .pth .bin .ckpt .tar), a TorchScript archive or .safetensors. "
         "pruneapp reads the kind from the bytes and never runs code from the file.",
     )
-    st.sidebar.caption(
-        f"Up to {human_bytes(limits.max_file_bytes)} per file. Without an upload the demo model is used."
-    )
+    st.sidebar.caption(f"Up to {limit_mb:,} MB per file. Without an upload, the demo model is used.")
     if upload is None:
         remove_upload(workdir)
         return Source("demo", demo.DEMO_MODEL_PATH, "Demo model: a small CNN for 8x8 handwritten digits", True)
@@ -213,7 +209,14 @@ def sidebar_settings(inspection: Inspection | None) -> RunOptions:
         seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="seed")) if method == "random" else 0
         include = st.text_input("Only tensors matching", key="include", placeholder="e.g. *.weight, encoder.*")
         exclude = st.text_input("Skip tensors matching", key="exclude", placeholder="e.g. *embed*, lm_head.*")
-        level = st.slider("zstd level", 1, 22, DEFAULT_ZSTD_LEVEL, key="zstd_level", help="Higher: smaller, slower.")
+        level = st.slider(
+            "zstd level",
+            formats.ZSTD_LEVELS[0],
+            formats.ZSTD_LEVELS[-1],
+            formats.DEFAULT_ZSTD_LEVEL,
+            key="zstd_level",
+            help="Higher: smaller, slower.",
+        )
         has_extras = bool(inspection and inspection.extra_bytes)
         drop = st.checkbox(
             "Drop optimizer state and other non-weight entries",
@@ -254,7 +257,8 @@ def inspect_source(source: Source, limits: Limits) -> Inspection | str:
     return value
 
 
-def show_inspection(source: Source, info: Inspection) -> None:
+def show_inspection(source: Source, info: Inspection, collapsed: bool) -> None:
+    """What the file is; the byte breakdown folds away once results take the space."""
     st.subheader(source.label)
     cols = st.columns(4)
     cols[0].metric("File size", human_bytes(info.file_bytes))
@@ -263,8 +267,9 @@ def show_inspection(source: Source, info: Inspection) -> None:
     cols[3].metric("Parameters", f"{info.n_params:,}")
     total = max(1, sum(info.dtypes.values()))
     mix = ", ".join(f"{name} {count / total:.0%}" for name, count in sorted(info.dtypes.items(), key=lambda x: -x[1]))
-    st.markdown(f"**Data types:** {mix or 'none'}")
-    st.markdown(f"**Where the bytes go:** {bytes_breakdown(info)}")
+    with st.expander("Data types and where the bytes go", expanded=not collapsed):
+        st.markdown(f"**Data types:** {mix or 'none'}")
+        st.markdown(f"**Where the bytes go:** {bytes_breakdown(info)}")
     for note in info.notes:
         st.info(note)
 
@@ -511,7 +516,7 @@ def main() -> None:
     if isinstance(info, str):
         st.error(info)
         return
-    show_inspection(source, info)
+    show_inspection(source, info, collapsed=clicked or result is not None)
     if clicked:
         new = run_pruning(source, options, limits, workdir)
         if new is not None:

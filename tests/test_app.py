@@ -176,9 +176,10 @@ def test_session_directory_is_removed_with_the_session(session_tmp: Path) -> Non
     assert not path.exists()
 
 
-@pytest.mark.parametrize("fmt", formats.FORMATS)
-def test_downloads_use_a_content_type_the_server_does_not_gzip(fmt: str) -> None:
-    name = formats.output_name("model", fmt)
+@pytest.mark.parametrize("fmt", formats.ALL_FORMATS)
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_downloads_use_a_content_type_the_server_does_not_gzip(fmt: str, safetensors: bool) -> None:
+    name = formats.output_name("model", fmt, safetensors=safetensors)
     assert app.download_mime(name) in DEFAULT_EXCLUDED_CONTENT_TYPES
 
 
