@@ -119,8 +119,6 @@ def _script_forward_writes(tmp: Path) -> Path:
     return craft.script_file(tmp, craft.ScriptForwardWrites(str(craft.marker(tmp))))
 
 
-# Custom __getstate__/__setstate__ hide which pickled value is which parameter; only running the code would tell.
-SETSTATE_GAP = "loading returns an empty state_dict for TorchScript modules with custom __setstate__"
 CODE_CASES = [
     Case("TorchScript whose forward writes a file", _script_forward_writes, None, check=script_loaded),
     Case(
@@ -128,14 +126,12 @@ CODE_CASES = [
         _script_writes,
         UnsupportedFileError,
         "__setstate__",
-        gap=SETSTATE_GAP,
     ),
     Case(
         "TorchScript whose __setstate__ loops forever",
         _script_loops,
         UnsupportedFileError,
         "__setstate__",
-        gap=SETSTATE_GAP,
     ),
     Case("full pickled model", craft.pickled_model_file, None, check=tinynet_loaded),
     Case("checkpoint holding argparse.Namespace", craft.namespace_checkpoint, None, check=left_out("args")),

@@ -483,6 +483,11 @@ class ScriptLoops(nn.Module):
             self.count += 1
 
 
+def jit_load(path: str, limits: object) -> object:
+    """What pruneapp never does with an upload; a worker loader for a positive control."""
+    return torch.jit.load(path)
+
+
 def script_file(tmp: Path, module: nn.Module) -> Path:
     path = tmp / "script.pt"
     with warnings.catch_warnings():

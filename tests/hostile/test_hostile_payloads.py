@@ -30,11 +30,6 @@ def load_in_process(path: Path) -> LoadedModel | PruneAppError:
         return e
 
 
-def jit_load(path: str, limits: object) -> object:
-    """What pruneapp never does with an upload: a loader for the positive control below."""
-    return torch.jit.load(path)
-
-
 @pytest.mark.parametrize("kind", craft.PAYLOADS)
 def test_payload_runs_when_unpickled_unsafely(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The control for every marker test: plain pickle runs each payload (the nested torch.load needs ENV)."""
@@ -76,7 +71,7 @@ def test_script_forward_writes_when_called(tmp_path: Path) -> None:
 def test_script_setstate_loop_is_stopped_by_the_worker_limits(tmp_path: Path) -> None:
     """torch.jit.load really loops on this archive; in a worker it is stopped, with a clear message."""
     path = craft.script_file(tmp_path, craft.ScriptLoops())
-    run = run_isolated(path, TEST_LIMITS, cpu_s=1, timeout_s=5, loader=f"{__name__}:jit_load")
+    run = run_isolated(path, TEST_LIMITS, cpu_s=1, timeout_s=5, loader="hostile_craft:jit_load")
     assert run.limit == "cpu" and isinstance(run.error, LimitExceededError)
     assert "CPU time" in str(run.error) and "PRUNEAPP_WORKER_CPU_SECONDS" in str(run.error)
 
