@@ -38,6 +38,7 @@ QUICK_PARAMS = (3_000_000,)
 FULL_SIZES_PARAMS = 16_000_000
 QUICK_SIZES_PARAMS = 1_000_000
 MB = 1e6
+MIN_TIMED_BYTES = 10 * MB  # the decode-speed target is checked on models at least this large
 
 # Children are self-contained scripts (argv: input, output, sparsity) so that neither imports pruneapp; each prints
 # its stage times as one JSON line.
@@ -107,7 +108,16 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "zstandard": zstandard.__version__,
+        "load_average_at_start": _load_average(),
     }
+
+
+def _load_average() -> float | None:
+    """1-minute load average: other work on the machine slows every number, so the output states it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _cpu_name() -> str:
@@ -298,11 +308,20 @@ def measure_speed(n_params: int, work: Path, repeat: int = 1, log: Callable[[str
         tries = [run_process(cmd, env=env) for _ in range(repeat)]
         runs[name] = min(tries, key=lambda r: r.seconds)
         runs[name].peak_rss = max(r.peak_rss for r in tries)
+    runs["pruneapp"].stages = _report_seconds(work / "pruneapp" / "report.json")
     row = speed_row(actual, model_bytes, runs)
     row["agreement"] = compare_outputs(work / "pruneapp" / f"{model.stem}.pruned.pt", work / "torch.pt")
     for p in (model, work / "floor.pt", work / "torch.pt"):
         p.unlink(missing_ok=True)
     return row
+
+
+def _report_seconds(path: Path) -> dict[str, float]:
+    """The stage times pruneapp wrote into its report.json (load, prune, encode, measure)."""
+    try:
+        return dict(json.loads(path.read_text()).get("seconds", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 def _warm_cache(path: Path) -> None:
@@ -432,10 +451,11 @@ def check_targets(speed: list[dict[str, Any]], sizes: list[dict[str, Any]]) -> l
         rows = [r for r in sizes if r["model"] == model and r["sparsity"] in TARGET_SPARSITIES]
         over = max(r["formats"]["packed"]["bytes"] / r["bound_bytes"] - 1 for r in rows)
         gain = min(1 - r["formats"]["packed"]["bytes"] / r["formats"]["dense.zst"]["bytes"] for r in rows)
-        speed_ratio = min(_decode_ratio(r) for r in sizes if r["model"] == model)
         checks.append(_check(f"{model}: packed above bound, worst of 0.5-0.95", over, "<=", 0.03))
         checks.append(_check(f"{model}: packed smaller than dense.zst, worst of 0.5-0.95", gain, ">=", 0.15))
-        checks.append(_check(f"{model}: packed decode / zstd -d speed, worst sparsity", speed_ratio, ">=", 1.0))
+        if rows[0]["tensor_bytes"] >= MIN_TIMED_BYTES:  # smaller files time per-call overheads, not decoding
+            speed_ratio = min(_decode_ratio(r) for r in sizes if r["model"] == model)
+            checks.append(_check(f"{model}: packed decode / zstd -d speed, worst sparsity", speed_ratio, ">=", 1.0))
     return checks
 
 
@@ -466,7 +486,8 @@ def format_machine(m: dict[str, Any]) -> str:
     return (
         f"machine: {m['processor']}, {m['cpus_usable']} usable CPUs (torch threads {m['torch_threads']}), "
         f"{m['memory_gb']} GB RAM, {m['platform']}\n"
-        f"software: Python {m['python']}, torch {m['torch']}, zstandard {m['zstandard']}"
+        f"software: Python {m['python']}, torch {m['torch']}, zstandard {m['zstandard']}\n"
+        f"load average (1 min): {m['load_average_at_start']} at start, {m.get('load_average_at_end')} at end"
     )
 
 
@@ -590,6 +611,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             log("sizes and throughput:")
             result["sizes"], notes = sizes_part(work, size_params, log)
             result["notes"] += notes
+    result["machine"]["load_average_at_end"] = _load_average()
     result["targets"] = check_targets(result["speed"], result["sizes"])
     return result
 
