@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pruneapp import formats as fmt
-from pruneapp import loading
+from pruneapp import isolation, loading
 from pruneapp.errors import PruneAppError, SettingsError
 from pruneapp.limits import Limits, default_limits
 from pruneapp.loading import LoadedModel
@@ -50,8 +50,9 @@ class SweepPoint:
     bytes: dict[str, int]  # format -> measured file size
 
 
-def _load_in_process(path: Path, limits: Limits) -> LoadedModel:
-    return loading.load_model(path, limits)
+def _load_isolated(path: Path, limits: Limits) -> LoadedModel:
+    """Files come from users: load them in a worker process under memory, CPU and time limits."""
+    return isolation.load_isolated(path, limits)
 
 
 def unique_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,7 +91,7 @@ def describe(model: LoadedModel) -> Inspection:
 def inspect_file(path: str | Path, limits: Limits | None = None, loader: Loader | None = None) -> Inspection:
     """Load ``path`` safely and describe it."""
     limits = limits or default_limits()
-    return describe((loader or _load_in_process)(Path(path), limits))
+    return describe((loader or _load_isolated)(Path(path), limits))
 
 
 def default_out_dir(input_path: Path) -> Path:
@@ -323,7 +324,7 @@ def prune_file(
         raise SettingsError(f"Output directory {out} is not a directory; choose another with --out.")
     stages = _Stages(progress)
     with stages.stage("load", input_path.name):
-        model = (loader or _load_in_process)(input_path, limits)
+        model = (loader or _load_isolated)(input_path, limits)
     out.mkdir(parents=True, exist_ok=True)
     report = prune_model(model, settings, out, formats, zstd_level, drop_extras, force, limits, stages, inplace=True)
     return report, out
@@ -341,7 +342,7 @@ def sweep(
 ) -> list[SweepPoint]:
     """Measured size of each format at each sparsity (files written to a temporary directory)."""
     limits = limits or default_limits()
-    model = (loader or _load_in_process)(Path(input_path), limits)
+    model = (loader or _load_isolated)(Path(input_path), limits)
     points = []
     with tempfile.TemporaryDirectory(prefix="pruneapp-sweep-") as tmp:
         for i, s in enumerate(sparsities):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pruneapp import formats
-from pruneapp.errors import OutputExistsError, SettingsError
+from pruneapp.errors import LimitExceededError, OutputExistsError, SettingsError
+from pruneapp.limits import Limits
 from pruneapp.pipeline import inspect_file, magnitude_histogram, prune_file, sweep
 from pruneapp.pruning import PruneSettings
 from pruneapp.report import Report
@@ -106,3 +107,12 @@ def test_dropping_extras_writes_a_plain_state_dict(tmp_path: Path, checkpoint_fi
     kept = prune_file(checkpoint_file, PruneSettings(sparsity=0.5), out_dir=tmp_path / "k")[0]
     size = {o.format: o.bytes for o in report.outputs}
     assert all(size[o.format] < o.bytes for o in kept.outputs)
+
+
+def test_files_are_loaded_in_a_worker_under_its_limits(tmp_path: Path) -> None:
+    path = tmp_path / "big.pt"
+    torch.save({"w": torch.ones(4096, 2048)}, path)  # 32 MiB of weights
+    tight = Limits(worker_memory_bytes=8 * 1024**2)
+    with pytest.raises(LimitExceededError, match="memory"):
+        prune_file(path, PruneSettings(), out_dir=tmp_path / "o", limits=tight)
+    assert not (tmp_path / "o").exists()
