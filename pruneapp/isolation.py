@@ -123,7 +123,7 @@ def run_isolated(
     try:
         reply = _server().run(_request(path, out, limits, budget, loader), budget.wall_s + _GRACE_S)
         try:
-            model = _outcome(reply, budget, out)
+            model = _outcome(reply, budget, out, Path(path).name)
         except PruneAppError as exc:
             error = exc
     finally:
@@ -148,13 +148,18 @@ def _request(path: str | Path, out: Path, limits: Limits, budget: _Budget, loade
 # Parent side: what the worker's exit and files mean
 
 
-def _outcome(reply: dict[str, Any], budget: _Budget, out: Path) -> LoadedModel:
+def _outcome(reply: dict[str, Any], budget: _Budget, out: Path, name: str) -> LoadedModel:
     limit = _limit_hit(reply, budget)
     if limit is not None:
-        raise LimitExceededError(_limit_message(limit, budget))
+        raise LimitExceededError(f"Loading {name} stopped: {_limit_message(limit, budget)}")
+    if reply["exit"] == -signal.SIGKILL:
+        raise UnsafeFileError(
+            f"Loading {name} stopped: the system killed the loading process, most likely for lack of memory; "
+            "set PRUNEAPP_WORKER_MEMORY_BYTES below the memory this machine has free."
+        )
     if reply["exit"] != 0:
         raise UnsafeFileError(
-            f"Loading stopped: the loading process crashed ({_exit_text(reply['exit'])}); "
+            f"Loading {name} stopped: the loading process crashed ({_exit_text(reply['exit'])}); "
             "the file is damaged or built to crash readers."
         )
     result = _read_result(out / _RESULT)
@@ -185,18 +190,11 @@ def _limit_hit(reply: dict[str, Any], budget: _Budget) -> str | None:
 def _limit_message(limit: str, budget: _Budget) -> str:
     fix = "if the model really is that large, raise"
     if limit == "memory":
-        return (
-            f"Loading stopped: the file needed more than {budget.memory_bytes / GiB:.1f} GB of memory; "
-            f"{fix} PRUNEAPP_WORKER_MEMORY_BYTES."
-        )
+        needed = f"the file needed more than {budget.memory_bytes / GiB:.1f} GB of memory"
+        return f"{needed}; {fix} PRUNEAPP_WORKER_MEMORY_BYTES."
     if limit == "cpu":
-        return (
-            f"Loading stopped: reading the file used more than {budget.cpu_s:g} s of CPU time; "
-            f"{fix} PRUNEAPP_WORKER_CPU_SECONDS."
-        )
-    return (
-        f"Loading stopped: reading the file took longer than {budget.wall_s:g} s; {fix} PRUNEAPP_WORKER_WALL_SECONDS."
-    )
+        return f"reading the file used more than {budget.cpu_s:g} s of CPU time; {fix} PRUNEAPP_WORKER_CPU_SECONDS."
+    return f"reading the file took longer than {budget.wall_s:g} s; {fix} PRUNEAPP_WORKER_WALL_SECONDS."
 
 
 def _exit_text(code: int | None) -> str:

@@ -119,6 +119,12 @@ def crash(path: str, limits: Limits) -> LoadedModel:
     raise AssertionError("unreachable")
 
 
+def killed(path: str, limits: Limits) -> LoadedModel:
+    """As the kernel's out-of-memory killer would end it."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
 def refuse(path: str, limits: Limits) -> LoadedModel:
     raise UnsafeFileError(f"{Path(path).name}: refused for a test.")
 

@@ -259,7 +259,7 @@ def test_memory_limit(tmp_path: Path) -> None:
     run = run_isolated(tmp_path / "x.pt", memory_bytes=64 * MiB, loader=f"{ME}:hog_memory")
     assert run.limit == "memory" and isinstance(run.error, LimitExceededError)
     assert str(run.error) == (
-        "Loading stopped: the file needed more than 0.1 GB of memory; "
+        "Loading x.pt stopped: the file needed more than 0.1 GB of memory; "
         "if the model really is that large, raise PRUNEAPP_WORKER_MEMORY_BYTES."
     )
 
@@ -283,9 +283,14 @@ def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_crash_is_unsafe_file_error_and_the_next_load_works(tmp_path: Path, mlp_file: Path) -> None:
-    with pytest.raises(UnsafeFileError, match=r"crashed \(signal SIGSEGV\).*built to crash readers"):
+    with pytest.raises(UnsafeFileError, match=r"^Loading x\.pt stopped: .* crashed \(signal SIGSEGV\).*crash readers"):
         run_isolated(tmp_path / "x.pt", loader=f"{ME}:crash").result()
     assert set(load_isolated(mlp_file).weights) == set(load_model(mlp_file).weights)
+
+
+def test_killed_by_the_system_points_at_memory(tmp_path: Path) -> None:
+    with pytest.raises(UnsafeFileError, match="system killed the loading process.*PRUNEAPP_WORKER_MEMORY_BYTES"):
+        run_isolated(tmp_path / "x.pt", loader=f"{ME}:killed").result()
 
 
 @pytest.mark.parametrize(
