@@ -34,7 +34,7 @@ SIZE_FORMATS = ("dense", "csr", "dense.zst", "csr.zst", "packed")
 SPEED_SPARSITY = 0.9
 ZSTD_LEVEL = 3
 FULL_PARAMS = (10_000_000, 30_000_000, 100_000_000)
-QUICK_PARAMS = (3_000_000,)
+QUICK_PARAMS = (2_000_000,)
 FULL_SIZES_PARAMS = 16_000_000
 QUICK_SIZES_PARAMS = 1_000_000
 MB = 1e6
@@ -645,8 +645,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m pruneapp bench``: print the tables, optionally write JSON; 0 on success."""
     args = build_parser().parse_args(argv)
 
+    start = time.perf_counter()
+
     def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
     result = run(args, log)
     print(format_all(result))
