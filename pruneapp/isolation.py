@@ -40,8 +40,9 @@ from torch._weights_only_unpickler import _get_allowed_globals
 
 from pruneapp import errors
 from pruneapp.errors import CorruptFileError, LimitExceededError, PruneAppError, UnsafeFileError
-from pruneapp.limits import GiB, Limits, default_limits
+from pruneapp.limits import Limits, default_limits
 from pruneapp.loading import LoadedModel
+from pruneapp.units import human_bytes
 from pruneapp.unpickling import StandIn
 
 LOADER = "pruneapp.loading:load_model"
@@ -190,7 +191,7 @@ def _limit_hit(reply: dict[str, Any], budget: _Budget) -> str | None:
 def _limit_message(limit: str, budget: _Budget) -> str:
     fix = "if the model really is that large, raise"
     if limit == "memory":
-        needed = f"the file needed more than {budget.memory_bytes / GiB:.1f} GB of memory"
+        needed = f"the file needed more than {human_bytes(budget.memory_bytes)} of memory"
         return f"{needed}; {fix} PRUNEAPP_WORKER_MEMORY_BYTES."
     if limit == "cpu":
         return f"reading the file used more than {budget.cpu_s:g} s of CPU time; {fix} PRUNEAPP_WORKER_CPU_SECONDS."

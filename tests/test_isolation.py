@@ -259,9 +259,17 @@ def test_memory_limit(tmp_path: Path) -> None:
     run = run_isolated(tmp_path / "x.pt", memory_bytes=64 * MiB, loader=f"{ME}:hog_memory")
     assert run.limit == "memory" and isinstance(run.error, LimitExceededError)
     assert str(run.error) == (
-        "Loading x.pt stopped: the file needed more than 0.1 GB of memory; "
+        "Loading x.pt stopped: the file needed more than 67.1 MB of memory; "
         "if the model really is that large, raise PRUNEAPP_WORKER_MEMORY_BYTES."
     )
+
+
+def test_memory_limit_stops_the_real_loader(tmp_path: Path) -> None:
+    """load_model's own out-of-memory error (whatever it wraps it in) is reported as the worker's memory limit."""
+    torch.save({"w": torch.zeros(32 * MiB)}, tmp_path / "big.pt")  # 128 MiB of data
+    run = run_isolated(tmp_path / "big.pt", memory_bytes=32 * MiB)
+    assert run.limit == "memory" and isinstance(run.error, LimitExceededError)
+    assert str(run.error).startswith("Loading big.pt stopped: the file needed more than 33.6 MB of memory")
 
 
 def test_cpu_limit(tmp_path: Path) -> None:
@@ -298,7 +306,7 @@ def test_killed_by_the_system_points_at_memory(tmp_path: Path) -> None:
     [
         ("refuse", UnsafeFileError, r"^x\.pt: refused for a test\.$"),
         ("fail", CorruptFileError, r"could not be read \(ValueError: an unexpected bug\); it is damaged"),
-        ("fail_out_of_memory", LimitExceededError, r"needed more than 4\.0 GB of memory"),
+        ("fail_out_of_memory", LimitExceededError, r"needed more than 4\.29 GB of memory"),
     ],
 )
 def test_loader_errors_cross_as_prune_app_errors(
