@@ -3,6 +3,7 @@
 Per pruned tensor: the mask's entropy (n * H2(density) bits, positions independent) plus the order-0
 entropy of each byte plane of the kept values; unpruned tensors count at their raw size. Formats are
 compared against it; a format can go below it only by exploiting structure the model ignores.
+Also the byte-level helpers the packed format shares (numpy: several times faster than torch here).
 """
 
 from __future__ import annotations
@@ -10,40 +11,51 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
+import numpy as np
 import torch
 
-INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer views
 
-
-def byte_rows(t: torch.Tensor) -> torch.Tensor:
-    """(n, itemsize) uint8 view of a tensor's elements (a contiguous CPU copy if needed)."""
+def byte_rows(t: torch.Tensor) -> np.ndarray:
+    """(n, itemsize) uint8 view of a tensor's elements, little-endian (a contiguous CPU copy if needed)."""
     t = t.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8).view(t.numel(), t.element_size())
+    return t.reshape(-1).view(torch.uint8).numpy().reshape(t.numel(), t.element_size())
 
 
-def nonzero_mask(rows: torch.Tensor) -> torch.Tensor:
+def items(rows: np.ndarray) -> np.ndarray:
+    """1-D view with one item per row: unsigned integers where the width allows, else raw bytes (void)."""
+    w = rows.shape[1]
+    return rows.view(f"<u{w}" if w in (1, 2, 4, 8) else f"V{w}").reshape(-1)
+
+
+def nonzero_mask(rows: np.ndarray) -> np.ndarray:
     """True where an element's bits are not all zero: -0.0 and NaN are values, only +0.0 (or 0) is a zero."""
     w = rows.shape[1]
-    if w in INT_VIEW:
-        return rows.view(INT_VIEW[w]).view(-1) != 0
-    return (rows.view(torch.int64) != 0).any(dim=1)
+    if w in (1, 2, 4, 8):
+        return items(rows) != 0
+    return (rows.view("<u8") != 0).any(axis=1)
 
 
-def kept_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(k, itemsize) rows where ``mask`` is True, selected through an integer view (faster than row indexing)."""
-    w = rows.shape[1]
-    if w not in INT_VIEW:
-        return rows[mask]
-    return rows.view(INT_VIEW[w]).view(-1)[mask].view(torch.uint8).view(-1, w)
+def kept_rows(rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(k, itemsize) rows where ``mask`` is True."""
+    return np.compress(mask, items(rows)).view(np.uint8).reshape(-1, rows.shape[1])
 
 
-def entropy_bits(hist: torch.Tensor) -> float:
+def byte_histogram(data: np.ndarray) -> np.ndarray:
+    """Counts of each byte value in a 1-D uint8 array (bincount over byte pairs, then folded: ~5x faster)."""
+    pairs = np.bincount(data[: data.size // 2 * 2].view("<u2"), minlength=65536).reshape(256, 256)
+    hist = pairs.sum(axis=0) + pairs.sum(axis=1)  # low bytes + high bytes
+    if data.size % 2:
+        hist[data[-1]] += 1
+    return hist
+
+
+def entropy_bits(hist: np.ndarray) -> float:
     """Order-0 entropy, in bits per symbol, of a histogram of counts."""
     total = float(hist.sum())
     if total == 0:
         return 0.0
-    p = hist[hist > 0].double() / total
-    return float(-(p * p.log2()).sum())
+    p = hist[hist > 0] / total
+    return float(-(p * np.log2(p)).sum())
 
 
 def binary_entropy(p: float) -> float:
@@ -53,9 +65,9 @@ def binary_entropy(p: float) -> float:
     return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-def plane_histograms(rows: torch.Tensor) -> list[torch.Tensor]:
-    """Histogram of byte i of every element, for each byte position i (little-endian)."""
-    return [torch.bincount(rows[:, i].contiguous(), minlength=256) for i in range(rows.shape[1])]
+def planes(rows: np.ndarray) -> np.ndarray:
+    """(itemsize, n) byte planes: plane i holds byte i of every element (the shuffle of blosc)."""
+    return np.ascontiguousarray(rows.T)
 
 
 def tensor_bound_bits(t: torch.Tensor, pruned: bool) -> float:
@@ -63,11 +75,10 @@ def tensor_bound_bits(t: torch.Tensor, pruned: bool) -> float:
     rows = byte_rows(t)
     n = rows.shape[0]
     if not pruned or n == 0:
-        return 8.0 * rows.numel()
+        return 8.0 * rows.size
     mask = nonzero_mask(rows)
-    k = int(mask.sum())
-    kept = kept_rows(rows, mask)
-    return n * binary_entropy(k / n) + sum(k * entropy_bits(h) for h in plane_histograms(kept))
+    k = int(np.count_nonzero(mask))
+    return n * binary_entropy(k / n) + sum(k * entropy_bits(byte_histogram(p)) for p in planes(kept_rows(rows, mask)))
 
 
 def tie_key(t: torch.Tensor) -> tuple | None:

@@ -24,8 +24,17 @@ import numpy as np
 import torch
 import zstandard
 
-from pruneapp.entropy import INT_VIEW as _INT_VIEW
-from pruneapp.entropy import binary_entropy, byte_rows, entropy_bits, kept_rows, nonzero_mask, tie_key
+from pruneapp.entropy import (
+    binary_entropy,
+    byte_histogram,
+    byte_rows,
+    entropy_bits,
+    items,
+    kept_rows,
+    nonzero_mask,
+    planes,
+    tie_key,
+)
 from pruneapp.errors import CorruptFileError, LimitExceededError, SettingsError, UnsupportedFileError
 from pruneapp.limits import Limits, default_limits
 
@@ -47,6 +56,7 @@ _MAX_WINDOW = 1 << 27  # largest zstd window a level <= 22 frame needs
 _MAX_DIMS = 64
 _CHUNK = 1 << 16  # elements per decode step: its temporaries stay in cache
 _WORKERS = os.cpu_count() or 1
+_INLINE_BYTES = 1 << 20  # tensors smaller than this decode on the calling thread
 _POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
 _ENCODINGS = {"dense", "mask", "gaps", "alias"}
 _CODECS = {"raw", "zstd"}
@@ -81,7 +91,6 @@ class _Spec:
     codec: str
     symbols: list[int] | None
     size: int  # decoded bytes
-    crc32: int  # of the decoded bytes
 
 
 @dataclass
@@ -94,6 +103,7 @@ class _Entry:
     shape: tuple[int, ...] = ()
     kept: int = 0
     width: int = 0  # bytes per gap, "gaps" encoding only
+    crc32: int = 0  # of the streams' decoded bytes, see _combined_crc
     streams: tuple[_Spec, ...] = ()
     alias_of: str = ""
 
@@ -105,10 +115,10 @@ def _per_byte(s: int) -> int:
     return next(m for m in range(8, 0, -1) if s**m <= 256)
 
 
-def _pack_symbols(data: np.ndarray, hist: torch.Tensor) -> tuple[list[int], np.ndarray]:
+def _pack_symbols(data: np.ndarray, hist: np.ndarray) -> tuple[list[int], np.ndarray]:
     """Map bytes to frequency ranks and pack m ranks per byte, first rank in the lowest digit."""
-    order = torch.argsort(hist, descending=True, stable=True)
-    symbols = [int(x) for x in order[: int((hist > 0).sum())]]
+    order = np.argsort(-hist, kind="stable")
+    symbols = [int(x) for x in order[: np.count_nonzero(hist)]]
     s = len(symbols)
     if s == 1:
         return symbols, np.empty(0, np.uint8)
@@ -156,65 +166,54 @@ def _zstd(data: np.ndarray, level: int, threads: int) -> bytes:
     return zstandard.ZstdCompressor(compression_params=params).compress(memoryview(data))
 
 
-def _encode_stream(data: np.ndarray, level: int, threads: int, hist: torch.Tensor | None = None) -> _Stream:
+def _encode_stream(data: np.ndarray, level: int, threads: int, hist: np.ndarray | None = None) -> _Stream:
     """The smallest of: raw, zstd, or symbol-packed then raw or zstd."""
     crc = zlib.crc32(data)
     if data.size == 0:
         return _Stream("raw", data, crc)
-    hist = _histogram(data) if hist is None else hist
-    if int((hist > 0).sum()) <= 16:
+    hist = byte_histogram(data) if hist is None else hist
+    raw = _Stream("raw", data, crc)
+    if np.count_nonzero(hist) <= 16:
         symbols, codes = _pack_symbols(data, hist)
-        return _smaller(
-            _Stream("raw", codes, crc, symbols), _Stream("zstd", _zstd(codes, level, threads), crc, symbols)
-        )
+        packed = _Stream("raw", codes, crc, symbols)
+        return _smaller(raw, packed, _Stream("zstd", _zstd(codes, level, threads), crc, symbols))
     if entropy_bits(hist) > _RAW_ENTROPY:
-        return _Stream("raw", data, crc)
-    return _smaller(_Stream("raw", data, crc), _Stream("zstd", _zstd(data, level, threads), crc))
+        return raw
+    return _smaller(raw, _Stream("zstd", _zstd(data, level, threads), crc))
 
 
-def _smaller(a: _Stream, b: _Stream) -> _Stream:
-    return b if len(b.payload) < len(a.payload) else a
+def _smaller(*candidates: _Stream) -> _Stream:
+    """The candidate costing the fewest bytes, its symbol table in the header included (~3 bytes a symbol)."""
+    return min(candidates, key=lambda s: len(s.payload) + 3 * len(s.symbols or ()))
 
 
-def _histogram(data: np.ndarray) -> torch.Tensor:
-    return torch.bincount(torch.from_numpy(data), minlength=256)
-
-
-def _planes(rows: torch.Tensor) -> np.ndarray:
-    """(itemsize, n) byte planes: plane i holds byte i of every element (little-endian)."""
-    return rows.t().contiguous().numpy()
-
-
-def _dense_is_smaller(n: int, k: int, hists: list[torch.Tensor]) -> bool:
+def _dense_is_smaller(n: int, k: int, hists: list[np.ndarray]) -> bool:
     """Estimate from order-0 entropies whether storing zeros beats storing positions."""
     if k == n:
         return True
     sparse = n * binary_entropy(k / n) / 8 + sum(k * entropy_bits(h) / 8 for h in hists)
     dense = 0.0
     for h in hists:
-        h = h.clone()
+        h = h.copy()
         h[0] += n - k
         dense += n * entropy_bits(h) / 8
     return dense < sparse
 
 
-def _gap_planes(mask: torch.Tensor) -> tuple[int, np.ndarray]:
-    """Gaps between kept positions (zeros skipped before each), as little-endian byte planes."""
-    pos = torch.nonzero(mask).view(-1)
-    gaps = torch.diff(pos, prepend=torch.tensor([-1])) - 1
-    top = int(gaps.max()) if gaps.numel() else 0
+def _gap_planes(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    """Gaps between kept positions (the zeros skipped before each), as little-endian byte planes."""
+    gaps = np.diff(np.flatnonzero(mask), prepend=-1) - 1
+    top = int(gaps.max()) if gaps.size else 0
     width = next(w for w in (1, 2, 4, 8) if top < 256**w)
-    gaps = gaps.to(_INT_VIEW[width]) if width < 8 else gaps
-    return width, _planes(gaps.view(torch.uint8).view(-1, width))
+    return width, planes(gaps.astype(f"<u{width}").view(np.uint8).reshape(-1, width))
 
 
-def _position_streams(mask: torch.Tensor, k: int, pool: _Pool) -> tuple[str, int, list[_Stream]]:
+def _position_streams(mask: np.ndarray, k: int, pool: _Pool) -> tuple[str, int, list[_Stream]]:
     """The smaller of a packed bit mask and gap planes (tried only below 25% density)."""
-    bits = np.packbits(mask.numpy(), bitorder="little")
-    best = ("mask", 0, [pool.stream(bits)])
-    if 4 * k <= mask.numel():
-        width, planes = _gap_planes(mask)
-        gaps = ("gaps", width, pool.streams(list(planes)))
+    best = ("mask", 0, [pool.stream(np.packbits(mask, bitorder="little"))])
+    if 4 * k <= mask.size:
+        width, gap_planes = _gap_planes(mask)
+        gaps = ("gaps", width, pool.streams(list(gap_planes)))
         if _total(gaps[2]) < _total(best[2]):
             best = gaps
     return best
@@ -232,12 +231,15 @@ class _Pool:
         workers = (os.cpu_count() or 1) if threads < 0 else max(threads, 1)
         self.executor = ThreadPoolExecutor(max_workers=workers)
 
-    def stream(self, data: np.ndarray, hist: torch.Tensor | None = None) -> _Stream:
+    def stream(self, data: np.ndarray, hist: np.ndarray | None = None) -> _Stream:
         return _encode_stream(data, self.level, self.threads, hist)
 
-    def streams(self, planes: list[np.ndarray], hists: list[torch.Tensor] | None = None) -> list[_Stream]:
-        hists = hists or [None] * len(planes)
-        return list(self.executor.map(self.stream, planes, hists))
+    def streams(self, data: list[np.ndarray], hists: list[np.ndarray] | None = None) -> list[_Stream]:
+        hists = hists or [None] * len(data)
+        return list(self.executor.map(self.stream, data, hists))
+
+    def histograms(self, data: list[np.ndarray]) -> list[np.ndarray]:
+        return list(self.executor.map(byte_histogram, data))
 
 
 def _encode_tensor(t: torch.Tensor, pool: _Pool) -> tuple[dict, list[_Stream]]:
@@ -246,18 +248,17 @@ def _encode_tensor(t: torch.Tensor, pool: _Pool) -> tuple[dict, list[_Stream]]:
     n = rows.shape[0]
     record = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
     mask = nonzero_mask(rows)
-    k = int(mask.sum())
-    planes = _planes(kept_rows(rows, mask) if k < n else rows)
-    hists = [_histogram(p) for p in planes]
+    k = int(np.count_nonzero(mask))
+    values = list(planes(kept_rows(rows, mask) if k < n else rows))
+    hists = pool.histograms(values)
     if _dense_is_smaller(n, k, hists):
         if k < n:
-            planes = _planes(rows)
-            hists = [_histogram(p) for p in planes]
-        return {**record, "encoding": "dense"}, pool.streams(list(planes), hists)
+            values, hists = list(planes(rows)), None
+        return {**record, "encoding": "dense"}, pool.streams(values, hists)
     encoding, width, positions = _position_streams(mask, k, pool)
     del mask
     record = {**record, "encoding": encoding, "kept": k} | ({"width": width} if encoding == "gaps" else {})
-    return record, positions + pool.streams(list(planes), hists)
+    return record, positions + pool.streams(values, hists)
 
 
 def _check_tensor(name: str, value: object) -> torch.Tensor:
@@ -306,11 +307,16 @@ def _write_tensor(f: BinaryIO, name: str, value: object, pool: _Pool, seen: dict
     record, streams = _encode_tensor(t, pool)
     specs = []
     for s in streams:
-        specs.append({"offset": f.tell(), "length": len(s.payload), "codec": s.codec, "crc32": s.crc32})
+        specs.append({"offset": f.tell(), "length": len(s.payload), "codec": s.codec})
         if s.symbols is not None:
             specs[-1]["symbols"] = s.symbols
         f.write(s.payload)
-    return {"name": name, **record, "streams": specs}
+    return {"name": name, **record, "crc32": _combined_crc([s.crc32 for s in streams]), "streams": specs}
+
+
+def _combined_crc(crcs: list[int]) -> int:
+    """One checksum for a tensor: CRC-32 of its streams' CRC-32s (of their decoded bytes), little-endian, in order."""
+    return zlib.crc32(struct.pack(f"<{len(crcs)}I", *crcs))
 
 
 def _write_header(f: BinaryIO, records: list[dict]) -> None:
@@ -436,7 +442,9 @@ class _Validator:
         if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_count(d) for d in shape):
             raise self.fail(f"tensor {name!r} has a bad shape")
         n = self.count(name, shape, _itemsize(dtype))
-        e = _Entry(name, r["encoding"], dtype, tuple(shape))
+        e = _Entry(name, r["encoding"], dtype, tuple(shape), crc32=r.get("crc32"))
+        if not _is_count(e.crc32) or e.crc32 > 0xFFFFFFFF:
+            raise self.fail(f"tensor {name!r} has no valid checksum")
         e.kept = r.get("kept", n) if e.encoding != "dense" else n
         e.width = r.get("width", 0) if e.encoding == "gaps" else 0
         if not _is_count(e.kept) or e.kept > n or (e.encoding == "gaps" and e.width not in (1, 2, 4, 8)):
@@ -474,14 +482,12 @@ class _Validator:
     def spec(self, name: str, s: object, size: int) -> _Spec:
         if not isinstance(s, dict) or not _one_of(s.get("codec"), _CODECS):
             raise self.fail(f"tensor {name!r} has a stream with an unknown codec")
-        offset, length, symbols, crc = s.get("offset"), s.get("length"), s.get("symbols"), s.get("crc32")
+        offset, length, symbols = s.get("offset"), s.get("length"), s.get("symbols")
         if not (_is_count(offset) and _is_count(length)) or offset < _DATA_START or offset + length > self.data_end:
             raise self.fail(f"tensor {name!r} has a stream outside the data area")
         if symbols is not None and not _valid_symbols(symbols):
             raise self.fail(f"tensor {name!r} has a bad symbol table")
-        if not _is_count(crc) or crc > 0xFFFFFFFF:
-            raise self.fail(f"tensor {name!r} has a stream without a valid checksum")
-        spec = _Spec(offset, length, s["codec"], symbols, size, crc)
+        spec = _Spec(offset, length, s["codec"], symbols, size)
         if spec.codec == "raw" and length != _packed_size(size, symbols):
             raise self.fail(f"tensor {name!r} has a raw stream of the wrong length")
         if length:
@@ -532,9 +538,9 @@ def _decompress_into(payload: bytes, out: np.ndarray, path: Path, what: str) -> 
         raise _corrupt(path, f"{what} does not hold the expected {out.size} bytes")
 
 
-def _fill(payload: bytes | None, spec: _Spec, out: np.ndarray, path: Path, what: str) -> None:
-    """Decode one stream into ``out`` (spec.size bytes; raw unpacked streams were read into it already), then
-    check its checksum."""
+def _fill(payload: bytes | None, spec: _Spec, out: np.ndarray, path: Path, what: str) -> int:
+    """Decode one stream into ``out`` (spec.size bytes; raw unpacked streams were read into it already) and
+    return the CRC-32 of the decoded bytes."""
     if payload is not None:
         target = out if spec.symbols is None else np.empty(_packed_size(spec.size, spec.symbols), np.uint8)
         if spec.codec == "raw":
@@ -543,8 +549,7 @@ def _fill(payload: bytes | None, spec: _Spec, out: np.ndarray, path: Path, what:
             _decompress_into(payload, target, path, what)
         if spec.symbols is not None:
             out[:] = _unpack_symbols(target, spec.symbols, spec.size)
-    if zlib.crc32(out) != spec.crc32:
-        raise _corrupt(path, f"{what} fails its checksum")
+    return zlib.crc32(out)
 
 
 def _read_streams(f: BinaryIO, e: _Entry, path: Path, executor: ThreadPoolExecutor) -> list[np.ndarray]:
@@ -559,22 +564,24 @@ def _read_streams(f: BinaryIO, e: _Entry, path: Path, executor: ThreadPoolExecut
             raise _corrupt(path, f"a stream of tensor {e.name!r} is truncated")
         payloads.append(None if direct else payload)
     what = f"a stream of tensor {e.name!r}"
-    list(executor.map(lambda job: _fill(*job, path, what), zip(payloads, e.streams, outs, strict=True)))
+    jobs = zip(payloads, e.streams, outs, strict=True)
+    crcs = list(_mapper(executor, e)(lambda job: _fill(*job, path, what), jobs))
+    if _combined_crc(crcs) != e.crc32:
+        raise _corrupt(path, f"tensor {e.name!r} fails its checksum")
     return outs
 
 
-def _elements(rows: np.ndarray) -> np.ndarray:
-    """1-D view with one item per row, as unsigned integers where the width allows (fast fancy indexing)."""
-    w = rows.shape[1]
-    return rows.view(f"<u{w}" if w in (1, 2, 4, 8) else f"V{w}").reshape(-1)
+def _mapper(executor: ThreadPoolExecutor, e: _Entry) -> Callable:
+    """The executor's map for big tensors; the plain map for small ones, where handing work over costs more."""
+    return executor.map if math.prod(e.shape) * _itemsize(e.dtype) >= _INLINE_BYTES else map
 
 
-def _rows(planes: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+def _rows(byte_planes: list[np.ndarray], start: int, stop: int) -> np.ndarray:
     """Elements start..stop interleaved from their byte planes, one item each."""
-    rows = np.empty((stop - start, len(planes)), np.uint8)
-    for i, plane in enumerate(planes):
+    rows = np.empty((stop - start, len(byte_planes)), np.uint8)
+    for i, plane in enumerate(byte_planes):
         rows[:, i] = plane[start:stop]
-    return _elements(rows)
+    return items(rows)
 
 
 def _mask_starts(e: _Entry, bits: np.ndarray, n: int, path: Path) -> np.ndarray:
@@ -585,9 +592,9 @@ def _mask_starts(e: _Entry, bits: np.ndarray, n: int, path: Path) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)])
 
 
-def _gap_positions(e: _Entry, planes: list[np.ndarray], n: int, path: Path) -> np.ndarray:
+def _gap_positions(e: _Entry, gap_planes: list[np.ndarray], n: int, path: Path) -> np.ndarray:
     """Indices of the kept elements, summed from the gaps before each."""
-    gaps = _rows(planes, 0, e.kept)
+    gaps = _rows(gap_planes, 0, e.kept)
     if int(gaps.max()) >= n:
         raise _corrupt(path, f"tensor {e.name!r} has a gap beyond its end")
     index = np.cumsum(gaps.astype(np.int64) + 1) - 1  # < k * n < 2**62: no overflow
@@ -599,35 +606,35 @@ def _gap_positions(e: _Entry, planes: list[np.ndarray], n: int, path: Path) -> n
 Step = Callable[[int], None]  # decodes chunk j of a tensor into its output; chunks are independent
 
 
-def _dense_steps(planes: list[np.ndarray], items: np.ndarray) -> tuple[int, Step]:
-    n = items.size
+def _dense_steps(values: list[np.ndarray], out_items: np.ndarray) -> tuple[int, Step]:
+    n = out_items.size
 
     def step(j: int) -> None:
         start, stop = j * _CHUNK, min(n, (j + 1) * _CHUNK)
-        items[start:stop] = _rows(planes, start, stop)
+        out_items[start:stop] = _rows(values, start, stop)
 
     return -(-n // _CHUNK), step
 
 
-def _gap_steps(e: _Entry, streams: list[np.ndarray], items: np.ndarray, path: Path) -> tuple[int, Step]:
-    planes, index = streams[e.width :], _gap_positions(e, streams[: e.width], items.size, path)
+def _gap_steps(e: _Entry, streams: list[np.ndarray], out_items: np.ndarray, path: Path) -> tuple[int, Step]:
+    values, index = streams[e.width :], _gap_positions(e, streams[: e.width], out_items.size, path)
 
     def step(j: int) -> None:
         start, stop = j * _CHUNK, min(e.kept, (j + 1) * _CHUNK)
-        items[index[start:stop]] = _rows(planes, start, stop)
+        out_items[index[start:stop]] = _rows(values, start, stop)
 
     return -(-e.kept // _CHUNK), step
 
 
-def _mask_steps(e: _Entry, streams: list[np.ndarray], items: np.ndarray, path: Path) -> tuple[int, Step]:
-    bits, planes, n = streams[0], streams[1:], items.size
+def _mask_steps(e: _Entry, streams: list[np.ndarray], out_items: np.ndarray, path: Path) -> tuple[int, Step]:
+    bits, values, n = streams[0], streams[1:], out_items.size
     starts = _mask_starts(e, bits, n, path)
 
     def step(j: int) -> None:
         start, stop = j * _CHUNK, min(n, (j + 1) * _CHUNK)
         chunk = np.unpackbits(bits[start // 8 : -(-stop // 8)], count=stop - start, bitorder="little")
         index = np.flatnonzero(chunk.view(np.bool_))
-        items[start:stop][index] = _rows(planes, int(starts[j]), int(starts[j]) + index.size)
+        out_items[start:stop][index] = _rows(values, int(starts[j]), int(starts[j]) + index.size)
 
     return -(-n // _CHUNK), step
 
@@ -636,15 +643,15 @@ def _decode(e: _Entry, streams: list[np.ndarray], path: Path, executor: ThreadPo
     n, w = math.prod(e.shape), _itemsize(e.dtype)
     out = np.zeros((n, w), np.uint8) if e.encoding != "dense" else np.empty((n, w), np.uint8)
     if n and e.kept:
-        items = _elements(out)
+        out_items = items(out)
         if e.encoding == "dense":
-            count, step = _dense_steps(streams, items)
+            count, step = _dense_steps(streams, out_items)
         elif e.encoding == "gaps":
-            count, step = _gap_steps(e, streams, items, path)
+            count, step = _gap_steps(e, streams, out_items, path)
         else:
-            count, step = _mask_steps(e, streams, items, path)
+            count, step = _mask_steps(e, streams, out_items, path)
         groups = np.array_split(np.arange(count), min(count, _WORKERS))
-        list(executor.map(lambda group: [step(int(j)) for j in group], groups))
+        list(_mapper(executor, e)(lambda group: [step(int(j)) for j in group], groups))
     if e.dtype == torch.bool and bool((out > 1).any()):
         raise _corrupt(path, f"tensor {e.name!r} holds bool bytes other than 0 and 1")
     return torch.from_numpy(out.reshape(-1)).view(e.dtype).view(e.shape)

@@ -381,14 +381,11 @@ LIES: dict[str, Callable[[dict], object]] = {
     "negative dim": lambda h: tensor(h, "dense").update(shape=[-300]),
     "too many dims": lambda h: tensor(h, "dense").update(shape=[1] * 65),
     "shape disagrees with streams": lambda h: tensor(h, "dense").update(shape=[301]),
-    "bad checksum field": lambda h: tensor(h, "dense")["streams"][1].update(crc32="abc"),
-    "no checksum": lambda h: tensor(h, "dense")["streams"][1].pop("crc32"),
-    "wrong checksum": lambda h: tensor(h, "dense")["streams"][1].update(
-        crc32=tensor(h, "dense")["streams"][1]["crc32"] ^ 1
-    ),
-    "wrong symbol-packed checksum": lambda h: next(s for s in tensor(h, "mask")["streams"] if "symbols" in s).update(
-        crc32=0
-    ),
+    "bad checksum field": lambda h: tensor(h, "dense").update(crc32="abc"),
+    "no checksum": lambda h: tensor(h, "dense").pop("crc32"),
+    "checksum too big": lambda h: tensor(h, "dense").update(crc32=2**32),
+    "wrong checksum": lambda h: tensor(h, "dense").update(crc32=tensor(h, "dense")["crc32"] ^ 1),
+    "streams swapped": lambda h: tensor(h, "dense")["streams"].reverse(),
     "duplicate name": lambda h: tensor(h, "gaps").update(name="mask"),
     "alias to nothing": lambda h: tensor(h, "tied").update(of="missing"),
     "alias to a later tensor": lambda h: h["tensors"].insert(0, h["tensors"].pop()),
@@ -479,24 +476,37 @@ def test_zstd_stream_of_the_wrong_size_is_refused(good_file: Path, tmp_path: Pat
             read_packed(crafted)
 
 
-def replace_stream(path: Path, name: str, index: int, payload: bytes) -> Path:
-    """A copy of ``path`` whose stream ``index`` of tensor ``name`` is ``payload``, stored raw after the data."""
+def mask_stream_crcs(t: torch.Tensor, mask_bytes: bytes) -> int:
+    """The documented tensor checksum of a mask-encoded float32 tensor whose mask stream is ``mask_bytes``."""
+    rows = t.reshape(-1).view(torch.uint8).view(-1, 4)
+    kept = rows[t.reshape(-1).view(torch.int32) != 0]
+    crcs = [zlib.crc32(mask_bytes)] + [zlib.crc32(kept[:, i].contiguous().numpy()) for i in range(4)]
+    return zlib.crc32(struct.pack(f"<{len(crcs)}I", *crcs))
+
+
+def replace_mask(path: Path, name: str, t: torch.Tensor, payload: bytes) -> Path:
+    """A copy of ``path`` whose mask stream of tensor ``name`` (holding ``t``) is ``payload``, stored raw."""
     head, _ = split(path)
 
     def change(h: dict) -> None:
-        tensor(h, name)["streams"][index] = {
-            "offset": len(head),
-            "length": len(payload),
-            "codec": "raw",
-            "crc32": zlib.crc32(payload),
-        }
+        tensor(h, name)["streams"][0] = {"offset": len(head), "length": len(payload), "codec": "raw"}
+        tensor(h, name)["crc32"] = mask_stream_crcs(t, payload)
 
     return rewrite(path, change, body=lambda b: b + payload)
 
 
+def test_the_documented_checksum_is_the_one_written(tmp_path: Path) -> None:
+    t = torch.tensor([0.0, 1.0] * 500)
+    path = tmp_path / "m.pruneapp"
+    write_packed({"w": t}, path)
+    (record,) = read_header(path)
+    assert record["encoding"] == "mask"
+    assert record["crc32"] == mask_stream_crcs(t, bytes([0xAA]) * 125)
+
+
 def test_mask_with_the_wrong_population_is_refused(good_file: Path) -> None:
     with pytest.raises(CorruptFileError, match="wrong number of kept values"):
-        read_packed(replace_stream(good_file, "mask", 0, b"\xff" * (64 * 64 // 8)))
+        read_packed(replace_mask(good_file, "mask", read_packed(good_file)["mask"], b"\xff" * (64 * 64 // 8)))
 
 
 def test_mask_padding_bits_must_be_clear(tmp_path: Path) -> None:
@@ -504,9 +514,10 @@ def test_mask_padding_bits_must_be_clear(tmp_path: Path) -> None:
     write_packed({"w": torch.tensor([0.0, 1.0] * 6)}, path)  # 12 elements, 6 kept: the last 4 mask bits are padding
     (record,) = read_header(path)
     assert record["encoding"] == "mask"
-    assert_same(read_packed(replace_stream(path, "w", 0, bytes([0xAA, 0x0A]))), {"w": torch.tensor([0.0, 1.0] * 6)})
+    t = torch.tensor([0.0, 1.0] * 6)
+    assert_same(read_packed(replace_mask(path, "w", t, bytes([0xAA, 0x0A]))), {"w": t})
     with pytest.raises(CorruptFileError, match="wrong number of kept values"):
-        read_packed(replace_stream(path, "w", 0, bytes([0xAA, 0x12])))
+        read_packed(replace_mask(path, "w", t, bytes([0xAA, 0x12])))
 
 
 def test_positions_past_the_end_are_refused(tmp_path: Path) -> None:
