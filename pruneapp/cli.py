@@ -147,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--include", nargs="+", default=[], metavar="GLOB", help="prune only tensors matching")
     p.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="never prune tensors matching")
-    p.add_argument("--formats", default=",".join(fmt.FORMATS), help=f"comma list of {', '.join(fmt.ALL_FORMATS)}")
+    p.add_argument(
+        "--formats",
+        default=",".join(fmt.ALL_FORMATS),
+        help=f"comma list of {', '.join(fmt.ALL_FORMATS)} (default: all), or auto: keep only the smallest",
+    )
     p.add_argument("--zstd-level", type=int, default=fmt.DEFAULT_ZSTD_LEVEL)
     p.add_argument("--drop-extras", action="store_true", help="leave optimizer state and other entries out")
     p.add_argument("--out", type=Path, default=None, help="output directory (default ./pruned/<input stem>/)")

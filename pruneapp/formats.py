@@ -7,7 +7,6 @@ untrusted input too: decompressed sizes are capped while streaming and sparse in
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import math
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import zstandard
 
-from pruneapp import checks
+from pruneapp import checks, packed
 from pruneapp.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -44,7 +43,8 @@ if TYPE_CHECKING:
 
 FORMATS = ("dense", "csr", "dense.zst", "csr.zst")
 ALL_FORMATS = (*FORMATS, "packed")
-FORMAT_ALIASES = {"zstd": ("dense.zst", "csr.zst"), "all": FORMATS}
+FORMAT_ALIASES = {"zstd": ("dense.zst", "csr.zst"), "all": ALL_FORMATS}
+AUTO = "auto"  # write every format, keep only the smallest
 
 # Level 3 by measurement: a 5.0M-parameter fp32 state_dict (bench.synthetic_weights) pruned to 0.9 by global-l1,
 # compress_file() on 2 CPU cores, best of 3 runs:
@@ -88,13 +88,18 @@ class OutputFile:
 def parse_formats(text: str) -> tuple[str, ...]:
     """``"dense,csr,zstd"`` -> ``("dense", "csr", "dense.zst", "csr.zst")``; unknown names raise SettingsError."""
     wanted: set[str] = set()
-    for name in (part.strip().lower() for part in text.split(",")):
+    names = [part.strip().lower() for part in text.split(",")]
+    if AUTO in names:
+        if names != [AUTO]:
+            raise SettingsError(f"--formats auto picks one file by itself; give it alone, not with {text!r}.")
+        return (AUTO,)
+    for name in names:
         if name in FORMAT_ALIASES:
             wanted.update(FORMAT_ALIASES[name])
         elif name in ALL_FORMATS:
             wanted.add(name)
         elif name:
-            choices = ", ".join((*ALL_FORMATS, *FORMAT_ALIASES))
+            choices = ", ".join((*ALL_FORMATS, *FORMAT_ALIASES, AUTO))
             raise SettingsError(f"Unknown output format {name!r}; choose from {choices}.")
     if not wanted:
         raise SettingsError(f"No output format given; use for example --formats {','.join(FORMATS)}.")
@@ -106,14 +111,10 @@ def output_name(stem: str, fmt: str, safetensors: bool = False) -> str:
     dense = f"{stem}.pruned.safetensors" if safetensors else f"{stem}.pruned.pt"
     names = {"dense": dense, "csr": f"{stem}.csr.pt", "dense.zst": dense + ".zst", "csr.zst": f"{stem}.csr.pt.zst"}
     if fmt == "packed":
-        return stem + _packed_extension()
+        return stem + packed.EXTENSION
     if fmt not in names:
         raise SettingsError(f"Unknown output format {fmt!r}; choose from {', '.join(ALL_FORMATS)}.")
     return names[fmt]
-
-
-def _packed_extension() -> str:
-    return getattr(_packed_module(), "EXTENSION", ".pruneapp")
 
 
 def _is_safetensors(model: LoadedModel) -> bool:
@@ -244,11 +245,12 @@ class _Writer:
         return notes
 
     def _packed(self, path: Path) -> list[str]:
-        packed = _packed_module()
-        if packed is None:
-            raise SettingsError("The packed format is not available in this installation; choose another format.")
         notes = packed.write_packed(self.weights, path, self.level)
-        return list(notes) if isinstance(notes, list) else []
+        notes = list(notes) if isinstance(notes, list) else []
+        if self._extras():
+            others = ", ".join(map(str, self._extras()))
+            notes.append(f"holds the weights only; {others} are in the dense and CSR files")
+        return notes
 
     def _extras(self) -> dict[str, Any]:
         return {} if self.drop_extras else dict(self.model.extras)
@@ -587,8 +589,7 @@ def _head(path: Path, limits: Limits) -> bytes:
 def _read_plain(path: Path, head: bytes, limits: Limits) -> dict[str, torch.Tensor]:
     if head.startswith(ZSTD_MAGIC):
         raise UnsupportedFileError(f"{path.name} holds a zstd frame inside a zstd frame; pruneapp writes only one.")
-    packed = _packed_module()
-    if getattr(packed, "MAGIC", None) and head.startswith(packed.MAGIC):
+    if head.startswith(packed.MAGIC):
         return packed.read_packed(path, limits)
     if head.startswith(ZIP_MAGIC) and _is_csr_zip(path):
         return _read_csr(path, limits)
@@ -598,16 +599,6 @@ def _read_plain(path: Path, head: bytes, limits: Limits) -> dict[str, torch.Tens
     weights = dict(model.weights)
     _retie_safetensors(weights, model.metadata, path.name)
     return weights
-
-
-def _packed_module() -> Any:
-    """pruneapp.packed, or None while it is not installed (imported late: it is optional here)."""
-    try:
-        return importlib.import_module("pruneapp.packed")
-    except ModuleNotFoundError as e:
-        if e.name != "pruneapp.packed":
-            raise
-        return None
 
 
 def _is_csr_zip(path: Path) -> bool:

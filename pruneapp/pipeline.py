@@ -6,6 +6,7 @@ The CLI and the app both call these functions.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ import torch
 
 from pruneapp import formats as fmt
 from pruneapp import isolation, loading
-from pruneapp.errors import PruneAppError, SettingsError
+from pruneapp.errors import OutputExistsError, PruneAppError, SettingsError
 from pruneapp.limits import Limits, default_limits
 from pruneapp.loading import LoadedModel
 from pruneapp.pruning import Progress, PruneSettings, prune, selected_names
@@ -210,7 +211,7 @@ def prune_model(
     model: LoadedModel,
     settings: PruneSettings,
     out_dir: Path,
-    formats: Sequence[str] = fmt.FORMATS,
+    formats: Sequence[str] = fmt.ALL_FORMATS,
     zstd_level: int = 3,
     drop_extras: bool = False,
     force: bool = False,
@@ -233,35 +234,33 @@ def prune_model(
         result = prune(model.weights, settings, report, inplace=inplace)
     histogram.threshold = result.threshold
     pruned_names = [s.name for s in result.stats if s.pruned and s.tied_to is None]
-    with stages.stage("encode", "writing outputs") as report:
-        written = fmt.write_outputs(
-            model,
-            result.weights,
-            pruned_names,
-            out_dir,
-            stem,
-            formats,
-            zstd_level=zstd_level,
-            drop_extras=drop_extras,
-            force=force,
-            progress=report,
-        )
-    with stages.stage("measure", "reading outputs back") as report:
-        outputs = []
-        for i, out in enumerate(written):
-            report(out.path.name, i / max(1, len(written)))
-            decode = _check_round_trip(out.path, result.weights, limits)
-            outputs.append(
-                OutputSize(
-                    format=out.format,
-                    path=out.path.name,
-                    bytes=out.bytes,
-                    ratio=out.bytes / max(1, model.file_bytes),
-                    encode_seconds=out.encode_seconds,
-                    decode_seconds=decode,
-                    notes=list(out.notes),
-                )
+    auto = tuple(formats) == ("auto",)
+    write_dir = Path(tempfile.mkdtemp(prefix=".auto-", dir=out_dir)) if auto else out_dir
+    try:
+        with stages.stage("encode", "writing outputs") as report:
+            written = fmt.write_outputs(
+                model,
+                result.weights,
+                pruned_names,
+                write_dir,
+                stem,
+                fmt.ALL_FORMATS if auto else formats,
+                zstd_level=zstd_level,
+                drop_extras=drop_extras,
+                force=force or auto,
+                progress=report,
             )
+        with stages.stage("measure", "reading outputs back") as report:
+            outputs = []
+            for i, out in enumerate(written):
+                report(out.path.name, i / max(1, len(written)))
+                decode = _check_round_trip(out.path, result.weights, limits)
+                outputs.append(_output_size(out, decode, model.file_bytes))
+            if auto:
+                outputs = [_keep_smallest(outputs, write_dir, out_dir, force)]
+    finally:
+        if auto:
+            shutil.rmtree(write_dir, ignore_errors=True)
     rep = Report(
         input=InputInfo(
             path=str(model.path),
@@ -286,6 +285,30 @@ def prune_model(
     return rep
 
 
+def _output_size(out: fmt.OutputFile, decode_seconds: float, input_bytes: int) -> OutputSize:
+    return OutputSize(
+        format=out.format,
+        path=out.path.name,
+        bytes=out.bytes,
+        ratio=out.bytes / max(1, input_bytes),
+        encode_seconds=out.encode_seconds,
+        decode_seconds=decode_seconds,
+        notes=list(out.notes),
+    )
+
+
+def _keep_smallest(outputs: list[OutputSize], staging: Path, out_dir: Path, force: bool) -> OutputSize:
+    """``--formats auto``: move the smallest measured output into ``out_dir``; the others are discarded."""
+    best = min(outputs, key=lambda o: o.bytes)
+    target = out_dir / best.path
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target} already exists; pass --force to overwrite it.")
+    (staging / best.path).replace(target)
+    others = ", ".join(f"{o.format} {o.bytes} B" for o in outputs if o is not best)
+    best.notes.append(f"auto: smallest of all formats (others: {others})")
+    return best
+
+
 def _settings_dict(settings: PruneSettings, zstd_level: int, drop_extras: bool) -> dict:
     return {
         "method": settings.method,
@@ -305,7 +328,7 @@ def prune_file(
     input_path: str | Path,
     settings: PruneSettings,
     out_dir: str | Path | None = None,
-    formats: Sequence[str] = fmt.FORMATS,
+    formats: Sequence[str] = fmt.ALL_FORMATS,
     zstd_level: int = 3,
     drop_extras: bool = False,
     force: bool = False,
@@ -322,6 +345,8 @@ def prune_file(
     out = Path(out_dir) if out_dir is not None else default_out_dir(input_path)
     if out.resolve() == input_path.resolve() or (out.exists() and not out.is_dir()):
         raise SettingsError(f"Output directory {out} is not a directory; choose another with --out.")
+    if not force and (out / "report.json").exists():
+        raise OutputExistsError(f"{out / 'report.json'} already exists; pass --force to overwrite it, or pick --out.")
     stages = _Stages(progress)
     with stages.stage("load", input_path.name):
         model = (loader or _load_isolated)(input_path, limits)
@@ -334,7 +359,7 @@ def sweep(
     input_path: str | Path,
     sparsities: Sequence[float],
     settings: PruneSettings,
-    formats: Sequence[str] = fmt.FORMATS,
+    formats: Sequence[str] = fmt.ALL_FORMATS,
     zstd_level: int = 3,
     limits: Limits | None = None,
     progress: Progress | None = None,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pruneapp.cli import main
-from pruneapp.formats import FORMATS, read_weights
+from pruneapp.formats import ALL_FORMATS, read_weights
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -22,7 +22,7 @@ def test_prune_writes_outputs_and_report(tmp_path: Path, mlp_file: Path, capsys:
     code, out, err = run(capsys, "prune", mlp_file, "--sparsity", "0.9", "--out", tmp_path / "o")
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert len(report["outputs"]) == len(FORMATS)
+    assert len(report["outputs"]) == len(ALL_FORMATS)
     assert {"path", "bytes"} <= report["input"].keys()
     assert report["sparsity"]["target"] == 0.9
     assert report["torch_prune_before_remove_bytes"] > report["input"]["bytes"]
@@ -135,3 +135,16 @@ def test_module_entry_point_runs_as_users_run_it(tmp_path: Path, mlp_file: Path)
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in bad.stderr
+
+
+def test_auto_keeps_only_the_smallest_output(
+    tmp_path: Path, mlp_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "prune", mlp_file, "--formats", "auto", "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    (kept,) = report["outputs"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted([kept["path"], "report.json"])
+    assert (tmp_path / "o" / kept["path"]).stat().st_size == kept["bytes"]
+    everything = json.loads(run(capsys, "prune", mlp_file, "--out", tmp_path / "all", "--json")[1])
+    assert kept["bytes"] == min(o["bytes"] for o in everything["outputs"])

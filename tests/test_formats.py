@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -17,8 +15,7 @@ import zstandard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import pruneapp
-from pruneapp import formats
+from pruneapp import formats, packed
 from pruneapp.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -488,41 +485,12 @@ def test_csr_snippet_is_documented_plain_torch() -> None:
         load_snippet("jpeg", "x")
 
 
-@pytest.fixture
-def fake_packed(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """A stand-in pruneapp.packed that records what formats hands it (the real one is tested on its own)."""
-    module = types.ModuleType("pruneapp.packed")
-    module.MAGIC = b"PRUNEPK1"
-    module.EXTENSION = ".pk"
-
-    def write_packed(weights: dict, path: Path, level: int) -> None:
-        module.written = (dict(weights), level)
-        Path(path).write_bytes(module.MAGIC + b"payload")
-
-    def read_packed(path: Path, limits: Limits) -> dict:
-        return {"read": torch.tensor([Path(path).stat().st_size])}
-
-    module.write_packed, module.read_packed = write_packed, read_packed
-    monkeypatch.setitem(sys.modules, "pruneapp.packed", module)
-    monkeypatch.setattr(pruneapp, "packed", module, raising=False)
-    return module
-
-
-def test_packed_is_dispatched_by_name_and_by_magic(tmp_path: Path, fake_packed: types.ModuleType) -> None:
-    model = make_model(tmp_path / "m.pt")
-    [out] = write(tmp_path, model, ("packed",), zstd_level=7)
-    assert out.path.name == "m.pk" and out.bytes == 15
-    assert fake_packed.written[1] == 7 and set(fake_packed.written[0]) == set(model.weights)
-    assert torch.equal(read_weights(out.path)["read"], torch.tensor([15]))
-    assert "pruneapp.read_weights" in load_snippet("packed", "m.pk")
-
-
 def test_packed_round_trip_through_the_real_module(tmp_path: Path) -> None:
-    packed = pytest.importorskip("pruneapp.packed")
     model = make_model(tmp_path / "m.pt")
     [out] = write(tmp_path, model, ("packed",))
     assert out.path.name == "m" + packed.EXTENSION and out.path.read_bytes().startswith(packed.MAGIC)
     assert_same_weights(read_weights(out.path), model.weights)
+    assert "pruneapp.read_weights" in load_snippet("packed", out.path.name)
 
 
 @pytest.mark.parametrize("keep", [200, 600, -30])

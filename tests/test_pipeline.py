@@ -18,7 +18,7 @@ def test_prune_file_writes_every_format_and_a_matching_report(tmp_path: Path, ch
     out = tmp_path / "out"
     report, out_dir = prune_file(checkpoint_file, PruneSettings(sparsity=0.8), out_dir=out)
     assert out_dir == out
-    assert sorted(o.format for o in report.outputs) == sorted(formats.FORMATS)
+    assert sorted(o.format for o in report.outputs) == sorted(formats.ALL_FORMATS)
     for o in report.outputs:
         assert (out / o.path).stat().st_size == o.bytes
         assert o.ratio == pytest.approx(o.bytes / checkpoint_file.stat().st_size)
@@ -106,7 +106,9 @@ def test_dropping_extras_writes_a_plain_state_dict(tmp_path: Path, checkpoint_fi
     assert dense.keys() == original["model_state_dict"].keys()
     kept = prune_file(checkpoint_file, PruneSettings(sparsity=0.5), out_dir=tmp_path / "k")[0]
     size = {o.format: o.bytes for o in report.outputs}
-    assert all(size[o.format] < o.bytes for o in kept.outputs)
+    assert all(size[o.format] < o.bytes for o in kept.outputs if o.format != "packed")
+    packed = next(o for o in kept.outputs if o.format == "packed")
+    assert "weights only" in " ".join(packed.notes) and size["packed"] == packed.bytes
 
 
 def test_files_are_loaded_in_a_worker_under_its_limits(tmp_path: Path) -> None:
