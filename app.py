@@ -22,7 +22,7 @@ import streamlit as st
 import torch
 
 from pruneapp import charts, demo, formats, loading, pipeline, pruning
-from pruneapp.charts import human_bytes
+from pruneapp.charts import format_label, human_bytes
 from pruneapp.errors import PruneAppError
 from pruneapp.limits import Limits, default_limits
 from pruneapp.pipeline import Inspection, SweepPoint
@@ -306,6 +306,7 @@ def run_pruning(source: Source, options: RunOptions, limits: Limits, workdir: Pa
             source.path,
             options.settings,
             out_dir=out_dir,
+            formats=formats.ALL_FORMATS,
             zstd_level=options.zstd_level,
             drop_extras=options.drop_extras,
             limits=limits,
@@ -355,6 +356,7 @@ def run_sweep(source: Source, result: RunResult, limits: Limits) -> None:
             source.path,
             SWEEP_SPARSITIES,
             settings,
+            formats=formats.ALL_FORMATS,
             zstd_level=result.options.zstd_level,
             limits=limits,
             progress=progress,
@@ -441,6 +443,7 @@ def show_check(check: ModelCheck) -> None:
 
 
 def show_downloads(report: Report, out_dir: Path) -> None:
+    smallest = report.smallest
     for output in report.outputs:
         path = out_dir / output.path
         left, right = st.columns([2, 3])
@@ -452,8 +455,12 @@ def show_downloads(report: Report, out_dir: Path) -> None:
             key=f"download_{output.format}",
             on_click="ignore",
             icon=":material/download:",
+            type="primary" if output is smallest else "secondary",
         )
-        left.caption(f"{output.format}: {output.ratio:.0%} of the original. " + " ".join(output.notes))
+        best = " The smallest file." if output is smallest else ""
+        left.caption(
+            f"{format_label(output.format)}: {output.ratio:.0%} of the original.{best} " + " ".join(output.notes)
+        )
         right.code(formats.load_snippet(output.format, path.name), language="python")
     st.download_button(
         "report.json",

@@ -84,7 +84,7 @@ def test_demo_run_shows_results_and_one_download_per_output(at: AppTest) -> None
     for output in report.outputs:
         assert (result(at).out_dir / output.path).is_file()
         assert any(label.startswith(output.path) for label in labels)
-    assert {o.format for o in report.outputs} >= set(formats.FORMATS)
+    assert {o.format for o in report.outputs} == set(formats.ALL_FORMATS)
     assert len(at.code) == len(report.outputs)
     check = result(at).check
     assert check is not None and 0.0 <= check.agreement["top1_agreement"] <= 1.0
@@ -100,6 +100,20 @@ def test_every_method_runs(at: AppTest, method: str) -> None:
     assert report.settings["method"] == method
     expected = 0.75 if method == "n:m" else 0.8
     assert abs(report.sparsity_achieved - expected) < 0.05
+
+
+def test_sweep_runs_on_demand_without_touching_the_run(at: AppTest) -> None:
+    prune(at)
+    before = result(at)
+    charts_before = len(at.get("plotly_chart"))
+    assert before.sweep is None
+    at.button(key="sweep").click().run()
+    assert not at.exception and not at.error
+    points = result(at).sweep
+    assert [p.sparsity for p in points] == list(app.SWEEP_SPARSITIES)
+    assert all(set(p.bytes) == set(formats.ALL_FORMATS) for p in points)
+    assert result(at).out_dir == before.out_dir and result(at).report is before.report
+    assert len(at.get("plotly_chart")) == charts_before + 1
 
 
 def test_changing_a_setting_does_not_rerun_pruning(at: AppTest) -> None:

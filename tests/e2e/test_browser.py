@@ -121,7 +121,7 @@ def test_upload_prune_and_download_outputs_that_load_back(page, tmp_path: Path) 
     report = download_report(page, tmp_path)
     sizes = {o["format"]: (o["path"], o["bytes"]) for o in report["outputs"]}
     expected = prune(original, APP_DEFAULTS).weights
-    for fmt in ("dense", "csr", "dense.zst", "csr.zst"):
+    for fmt in ("dense", "csr", "dense.zst", "csr.zst", "packed"):
         name, size = sizes[fmt]
         path, _ = download(page, name, tmp_path)
         assert path.stat().st_size == size
