@@ -19,12 +19,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import zstandard
 
-if TYPE_CHECKING:
-    from pruneapp.loading import LoadedModel
+from pruneapp.entropy import reference_bound_bytes
+from pruneapp.formats import read_weights, write_outputs
+from pruneapp.loading import LoadedModel, load_model
+from pruneapp.pruning import PruneSettings, prune
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "assets" / "demo_digits.pt"
@@ -96,8 +99,6 @@ print(json.dumps({"import": t1 - t0, "load": t2 - t1, "prune": t3 - t2, "remove"
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    import zstandard
-
     return {
         "platform": platform.platform(),
         "processor": _cpu_name(),
@@ -351,15 +352,25 @@ def speed_row(n_params: int, model_bytes: int, runs: dict[str, ProcessRun]) -> d
 
 
 def compare_outputs(ours: Path, theirs: Path) -> dict[str, Any]:
-    """How far pruneapp's dense output is from torch's: zeros in each and elements that differ."""
+    """How far pruneapp's dense output is from torch's: zeros in each, elements that differ, and the magnitudes
+    kept by one and pruned by the other (a single magnitude means they only chose differently among ties)."""
     a = torch.load(ours, weights_only=True, mmap=True)
     b = torch.load(theirs, weights_only=True, mmap=True)
     differ = zeros_a = zeros_b = total = 0
+    magnitudes: set[float] = set()
     for name, t in b.items():
         u = a[name]
-        differ += int((u != t).sum())
+        diff = u != t
+        differ += int(diff.sum())
+        magnitudes.update((u[diff].abs() + t[diff].abs()).unique()[:10].tolist())
         zeros_a, zeros_b, total = zeros_a + int((u == 0).sum()), zeros_b + int((t == 0).sum()), total + t.numel()
-    return {"elements": total, "zeros_pruneapp": zeros_a, "zeros_torch": zeros_b, "elements_differing": differ}
+    return {
+        "elements": total,
+        "zeros_pruneapp": zeros_a,
+        "zeros_torch": zeros_b,
+        "elements_differing": differ,
+        "differing_magnitudes": sorted(magnitudes)[:10],
+    }
 
 
 # ---------------------------------------------------------------- sizes and throughput (in process)
@@ -367,8 +378,6 @@ def compare_outputs(ours: Path, theirs: Path) -> dict[str, Any]:
 
 def measure_sizes(path: Path, label: str, work: Path, repeat: int = 2) -> list[dict[str, Any]]:
     """Size, encode and decode time of every format at every sparsity, next to the bound and plain zstd."""
-    from pruneapp.loading import load_model
-
     model = load_model(path)
     tensor_bytes = _tensor_bytes(model.weights)
     rows = []
@@ -379,10 +388,6 @@ def measure_sizes(path: Path, label: str, work: Path, repeat: int = 2) -> list[d
 
 
 def _sizes_at(model: LoadedModel, sparsity: float, out_dir: Path, repeat: int) -> dict[str, Any]:
-    from pruneapp.entropy import reference_bound_bytes
-    from pruneapp.formats import read_weights, write_outputs
-    from pruneapp.pruning import PruneSettings, prune
-
     result = prune(model.weights, PruneSettings(method="global-l1", sparsity=sparsity))
     names = [st.name for st in result.stats if st.pruned and st.tied_to is None]
     written = write_outputs(
@@ -408,7 +413,6 @@ def _timed(fn: Callable[..., Any], *args: Any) -> float:
 
 def plain_zstd(src: Path, dst: Path, repeat: int = 2) -> dict[str, float]:
     """Plain zstd of a file at ZSTD_LEVEL on all cores (``zstd -3 -T0``), file to file; decompression into memory."""
-    import zstandard
 
     def compress() -> None:
         dst.write_bytes(zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).compress(src.read_bytes()))
@@ -523,7 +527,11 @@ def format_speed(rows: Sequence[dict[str, Any]]) -> str:
 def _agreement(a: dict[str, Any]) -> str:
     if not a:
         return "-"
-    return "yes" if a["elements_differing"] == 0 else f"{a['elements_differing']} differ"
+    n = a["elements_differing"]
+    if n == 0:
+        return "yes"
+    ties = a["zeros_pruneapp"] == a["zeros_torch"] and len(a["differing_magnitudes"]) == 1
+    return f"yes ({n} ties)" if ties else f"no ({n} differ)"
 
 
 def format_sizes(rows: Sequence[dict[str, Any]]) -> str:
