@@ -39,7 +39,7 @@ ZSTD_LEVEL = 3
 FULL_PARAMS = (10_000_000, 30_000_000, 100_000_000)
 QUICK_PARAMS = (2_000_000,)
 FULL_SIZES_PARAMS = 16_000_000
-QUICK_SIZES_PARAMS = 1_000_000
+QUICK_SIZES_PARAMS = 500_000
 MB = 1e6
 MIN_TIMED_BYTES = 10 * MB  # the decode-speed target is checked on models at least this large
 
@@ -140,7 +140,7 @@ def _memory_gb() -> float | None:
 
 def transformer_shapes(n_params: int) -> dict[str, tuple[int, ...]]:
     """Shapes of a GPT-like encoder with about ``n_params`` parameters: embedding, attention, MLP, LayerNorms."""
-    d = 256 if n_params < 8_000_000 else 512 if n_params < 30_000_000 else 1024
+    d = 128 if n_params < 2_000_000 else 256 if n_params < 8_000_000 else 512 if n_params < 30_000_000 else 1024
     per_layer = 12 * d * d + 13 * d
     layers = max(1, int(0.9 * n_params) // per_layer)
     vocab = max(d, (n_params - layers * per_layer - 2 * d) // d)
@@ -617,24 +617,27 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             result["speed"] = [measure_speed(n, work, max(1, args.repeat), log) for n in params]
         if both or args.sizes:
             log("sizes and throughput:")
-            result["sizes"], notes = sizes_part(work, size_params, log)
+            result["sizes"], notes = sizes_part(work, size_params, 1 if args.quick else 3, log)
             result["notes"] += notes
     result["machine"]["load_average_at_end"] = _load_average()
     result["targets"] = check_targets(result["speed"], result["sizes"])
     return result
 
 
-def sizes_part(work: Path, n_params: int, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[str]]:
+def sizes_part(
+    work: Path, n_params: int, repeat: int, log: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The demo model (if present) and a synthetic one; decode and plain-zstd times are the best of ``repeat``."""
     rows, notes = [], []
     if DEMO_MODEL.exists():
         log(f"  {DEMO_MODEL.name} ...")
-        rows += measure_sizes(DEMO_MODEL, "demo (trained)", work, repeat=3)
+        rows += measure_sizes(DEMO_MODEL, "demo (trained)", work, repeat)
     else:
         notes.append(f"{DEMO_MODEL} is missing: the trained demo model was skipped")
     synthetic = work / "synthetic-sizes.pt"
     actual = write_synthetic(n_params, synthetic, seed=1)
     log(f"  synthetic {actual / 1e6:.1f}M ...")
-    rows += measure_sizes(synthetic, f"synthetic {actual / 1e6:.1f}M", work)
+    rows += measure_sizes(synthetic, f"synthetic {actual / 1e6:.1f}M", work, repeat)
     return rows, notes
 
 

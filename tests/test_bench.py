@@ -33,7 +33,7 @@ def test_parse_count_rejects_nonsense_and_tiny_models(text: str) -> None:
         bench.parse_count(text)
 
 
-@pytest.mark.parametrize("n", [1_000_000, 3_000_000, 10_000_000, 100_000_000])
+@pytest.mark.parametrize("n", [500_000, 1_000_000, 3_000_000, 10_000_000, 100_000_000])
 def test_synthetic_shapes_hit_the_requested_size(n: int) -> None:
     shapes = bench.transformer_shapes(n)
     total = sum(math.prod(s) for s in shapes.values())
