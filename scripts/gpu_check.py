@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +102,34 @@ def run_gpu_tests() -> bool:
     return done.returncode == 0 and "skipped" not in done.stdout.splitlines()[-1]
 
 
+def compare_cli(weights: dict[str, torch.Tensor]) -> bool:
+    """``python -m pruneapp prune --device cuda`` against ``--device cpu``: every output reads back equal."""
+    from pruneapp.formats import read_weights
+
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.pt"
+        torch.save(weights, model)
+        for method in ("global-l1", "n:m"):
+            outs = {}
+            for device in ("cpu", "cuda"):
+                outs[device] = Path(tmp) / f"{method.replace(':', '')}-{device}"
+                command = [sys.executable, "-m", "pruneapp", "prune", str(model), "--method", method]
+                command += ["--device", device, "--out", str(outs[device]), "--quiet"]
+                start = time.perf_counter()
+                done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+                print(f"cli {method} {device}: exit {done.returncode} in {time.perf_counter() - start:.1f}s")
+                ok &= done.returncode == 0
+                if done.returncode:
+                    print(done.stderr[-2000:])
+            for path in sorted(outs["cpu"].glob("model.*")):
+                a, b = read_weights(path), read_weights(outs["cuda"] / path.name)
+                same = a.keys() == b.keys() and all(bits_equal(a[k], b[k]) for k in a)
+                print(f"  {path.name}: cpu == cuda {same}")
+                ok &= same
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("error: no CUDA GPU visible to torch", torch.__version__)
@@ -111,6 +140,7 @@ def main() -> int:
     print(f"synthetic model: {sum(t.numel() for k, t in weights.items() if k != 'head.weight') / 1e6:.1f}M elements")
     results["cpu == cuda"] = compare_devices(weights)
     results["threshold == kthvalue"] = check_threshold_against_kthvalue(weights)
+    results["cli cpu == cuda"] = compare_cli(synthetic(2_000_000))
     time_global_l1(100_000_000)
     for name, ok in results.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
