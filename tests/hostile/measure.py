@@ -94,16 +94,19 @@ def _status(field: str) -> int:
     return 0
 
 
+def warm_up() -> float:
+    """Start the fork server with a tiny load, so that later timings are those of warm loads; its seconds."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"w": torch.zeros(1)}, Path(tmp) / "w.pt")
+        load_isolated(Path(tmp) / "w.pt")
+    return time.perf_counter() - start
+
+
 def overhead_child(mode: str, path: Path) -> dict[str, float]:
     """Runs in a fresh process: one load of ``path`` (after a warm-up for isolation), timed and measured."""
     load = load_model if mode == "in-process" else load_isolated
-    start = 0.0
-    if mode == "isolated":
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:  # starts the fork server, so that the timed load is a warm one
-            torch.save({"w": torch.zeros(1)}, Path(tmp) / "w.pt")
-            load_isolated(Path(tmp) / "w.pt")
-        start = time.perf_counter() - start
+    start = warm_up() if mode == "isolated" else 0.0
     before = {field: _status(field) for field in ("VmRSS", "RssAnon", "RssFile")}
     timed = time.perf_counter()
     model = load(path)
@@ -174,6 +177,8 @@ def _child(mode: str, path: Path) -> dict[str, float]:
 def write_report(out: Path) -> None:
     from hostile_cases import CASES, TEST_LIMITS  # not needed by the overhead children
 
+    load = os.getloadavg()[0]
+    server_start = warm_up()
     started = time.perf_counter()
     rows = [run_case(case) for case in CASES]
     suite_seconds = time.perf_counter() - started
@@ -186,12 +191,14 @@ def write_report(out: Path) -> None:
         "time of the whole isolated load as the caller sees it; peak memory is the worker's `ru_maxrss`, which "
         "includes about 150 MiB of the forked loader (Python and torch) before the file is opened.",
         "",
-        f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}. "
+        f"Machine: {os.cpu_count()} CPUs (load average {load:.1f} when the run started), "
+        f"Python {platform.python_version()}, torch {torch.__version__}. "
         f"Limits (lowered as in the tests; max_tensors and max_depth at their defaults): {limits}.",
         "",
         f"{sum(r['verdict'] == 'as expected' for r in rows)} of {len(rows)} cases as expected; all cases in "
-        f"{suite_seconds:.1f} s. A payload ran in {sum(r['payload_ran'] for r in rows)} cases (each payload creates "
-        "a marker file, checked after the load).",
+        f"{suite_seconds:.1f} s, after {server_start:.2f} s to start the fork server (once per process). "
+        f"A payload ran in {sum(r['payload_ran'] for r in rows)} cases (each payload creates a marker file, "
+        "checked after the load).",
         "",
         *cases_table(rows),
         "",
