@@ -128,7 +128,7 @@ def run_isolated(
         except PruneAppError as exc:
             error = exc
     finally:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)  # mapped tensors keep the unlinked file's data until they are freed
     seconds = time.perf_counter() - start
     limit = _limit_hit(reply, budget)
     return IsolatedLoad(model, error, seconds, reply["seconds"], reply["cpu_s"], reply["maxrss_kb"] * 1024, limit)
