@@ -261,11 +261,16 @@ def _encode_tensor(t: torch.Tensor, pool: _Pool) -> tuple[dict, list[_Stream]]:
     return record, positions + pool.streams(values, hists)
 
 
-def _check_tensor(name: str, value: object) -> torch.Tensor:
+def _check_tensor(name: object, value: object) -> torch.Tensor:
+    """``value`` if packed files can store it under ``name``; else a one-line error naming the fix."""
+    if not isinstance(name, str):
+        raise UnsupportedFileError(f"key {name!r} is not a string; packed files name tensors by string keys.")
     if not isinstance(value, torch.Tensor):
         raise UnsupportedFileError(f"{name!r} is a {type(value).__name__}, not a tensor; pass tensors only.")
     if value.layout != torch.strided or value.is_quantized:
         raise UnsupportedFileError(f"tensor {name!r} is sparse or quantized; convert it with .to_dense() first.")
+    if value.is_meta:
+        raise UnsupportedFileError(f"tensor {name!r} is on the meta device and has no data; load real weights.")
     if value.dtype not in _DTYPES.values():
         raise UnsupportedFileError(f"tensor {name!r} has dtype {value.dtype}, which packed files do not store.")
     return value
@@ -337,7 +342,8 @@ def _corrupt(path: Path, what: str) -> CorruptFileError:
     return CorruptFileError(f"{path.name} is not a valid packed file ({what}); re-create it with pruneapp.")
 
 
-def _read_header(f: BinaryIO, path: Path, size: int, limits: Limits) -> list:
+def _check_prefix(f: BinaryIO, path: Path, size: int, limits: Limits) -> None:
+    """Size limit, magic and version: what tells a packed file, and one this code can read."""
     if size > limits.max_file_bytes:
         raise LimitExceededError(
             f"{path.name} is {size} bytes, over max_file_bytes={limits.max_file_bytes}; raise PRUNEAPP_MAX_FILE_BYTES."
@@ -350,6 +356,11 @@ def _read_header(f: BinaryIO, path: Path, size: int, limits: Limits) -> list:
         raise UnsupportedFileError(
             f"{path.name} is packed format version {version}; this pruneapp reads version {FORMAT_VERSION}, upgrade it."
         )
+
+
+def _read_header(f: BinaryIO, path: Path, size: int, limits: Limits) -> list:
+    """The header's tensor list, after the footer, the header's size limit and its checksum are checked."""
+    _check_prefix(f, path, size, limits)
     if size < _DATA_START + _FOOTER.size:
         raise _corrupt(path, "truncated before its footer")
     f.seek(size - _FOOTER.size)
@@ -365,17 +376,18 @@ def _read_header(f: BinaryIO, path: Path, size: int, limits: Limits) -> list:
     blob = f.read(length)
     if zlib.crc32(blob) != crc:
         raise _corrupt(path, "header checksum mismatch")
-    text = _decompress(blob, raw_size, path, "header")
+    return _parse_header(_decompress(blob, raw_size, path, "header"), path)
+
+
+def _parse_header(text: bytes, path: Path) -> list:
     try:
         header = json.loads(text)
     except (ValueError, RecursionError):
         raise _corrupt(path, "header is not valid JSON") from None
-    if (
-        not isinstance(header, dict)
-        or header.get("version") != FORMAT_VERSION
-        or not isinstance(header.get("tensors"), list)
-    ):
-        raise _corrupt(path, "header lacks a version or a tensor list")
+    if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION:
+        raise _corrupt(path, "header lacks its version")
+    if not isinstance(header.get("tensors"), list):
+        raise _corrupt(path, "header lacks a tensor list")
     return header["tensors"]
 
 

@@ -231,6 +231,10 @@ def test_write_rejects_what_it_cannot_store(tmp_path: Path) -> None:
         write_packed({"x": [1, 2]}, tmp_path / "a.pruneapp")  # type: ignore[dict-item]
     with pytest.raises(UnsupportedFileError, match="to_dense"):
         write_packed({"x": torch.eye(3).to_sparse()}, tmp_path / "b.pruneapp")
+    with pytest.raises(UnsupportedFileError, match="not a string"):
+        write_packed({1: torch.ones(2)}, tmp_path / "d.pruneapp")  # type: ignore[dict-item]
+    with pytest.raises(UnsupportedFileError, match="meta device"):
+        write_packed({"x": torch.empty(3, device="meta")}, tmp_path / "e.pruneapp")
     with pytest.raises(SettingsError, match="level"):
         write_packed({"x": torch.ones(2)}, tmp_path / "c.pruneapp", level=40)
 
