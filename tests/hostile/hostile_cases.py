@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class Case:
     check: Check | None = None
     gap: str = ""  # a known gap in the loader: the case is expected to fail until it is fixed
     tags: tuple[str, ...] = field(default=())
+    limits: Limits = TEST_LIMITS
+    worker_limit: str | None = None  # the worker limit that must stop the load, where the loader's own cannot
 
 
 def same_weights(expected: dict[str, torch.Tensor]) -> Check:
@@ -194,6 +197,15 @@ TORCH_FILE_CASES = [
     Case("compressed tensor record (1 MB inflating to 1 GB)", craft.zip_bomb_file, UnsafeFileError, "compress"),
     Case("compressed data.pkl", craft.compressed_pickle_file, UnsafeFileError, "compress"),
     Case("zip entry claiming 2 GB in a tiny file", craft.oversized_entry_file, UnsafeFileError, "more bytes than"),
+    Case("the same zip entry twice (a second data.pkl)", craft.duplicate_entry_file, UnsafeFileError, "twice"),
+    Case("zip entry named ../../evil.py", craft.escaping_entry_file, UnsafeFileError, "outside its top folder"),
+    Case("storage key ../../etc/passwd", craft.escaping_storage_key_file, CorruptFileError, "not a valid record key"),
+    Case(
+        "pickle asking for bytearray(2**40)",
+        _nested(craft.Call(bytearray, 2**40)),
+        UnsafeFileError,
+        "memory bomb",
+    ),
     Case("100,000 tiny tensors", craft.many_tensors_file, LimitExceededError, limit="PRUNEAPP_MAX_TENSORS"),
     Case("list nested 40 deep", _nested(craft.laughs(40, 1)), UnsafeFileError, "deep", limit="PRUNEAPP_MAX_DEPTH"),
     Case("list nested 100,000 deep (raw pickle)", lambda tmp: craft.deep_pickle_file(tmp, 100_000), UnsafeFileError),
@@ -287,7 +299,25 @@ def _zip_payload(tmp: Path) -> Path:
     return craft.payload_file("os.system", "zip", tmp)
 
 
+# The decompressed file passes every check of the loader, but its tensor needs 384 MB: only the worker's memory
+# limit stands between it and the machine's memory.
+_ROOMY = dataclasses.replace(
+    TEST_LIMITS,
+    max_decompressed_bytes=512 * MiB,
+    max_tensor_elements=128 * 1024**2,
+    max_total_elements=128 * 1024**2,
+    worker_memory_bytes=128 * MiB,
+)
 ZSTD_CASES = [
+    Case(
+        "zstd of a valid file whose tensor needs 384 MB",
+        lambda tmp: craft.zstd_zero_tensor_file(tmp, 384 * MiB),
+        LimitExceededError,
+        "needed more than 134 MB of memory",
+        limit="PRUNEAPP_WORKER_MEMORY_BYTES",
+        limits=_ROOMY,
+        worker_limit="memory",
+    ),
     Case("zstd of a valid state_dict", _zst(_zst_of_file(_reference_pt)), None, check=reference_loaded),
     Case(
         "zstd bomb: declares and holds 1 GB",

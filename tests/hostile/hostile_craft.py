@@ -248,37 +248,37 @@ def replace_record(path: Path, suffix: str, data: bytes) -> None:
             zf.writestr(name, data if name.endswith(suffix) else old)
 
 
-def write_zip(path: Path, entries: list[tuple[str, bytes, int, int, int]]) -> Path:
-    """A zip from raw entries ``(name, stored bytes, method, uncompressed size, crc)``: sizes may lie."""
-    out, central = bytearray(), bytearray()
-    for name, data, method, size, crc in entries:
-        offset, raw = len(out), name.encode()
-        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, len(data), size, len(raw), 0)
-        out += raw + data
-        central += struct.pack(
-            "<IHHHHHHIIIHHHHHII",
-            0x02014B50,
-            20,
-            20,
-            0,
-            method,
-            0,
-            0x21,
-            crc,
-            len(data),
-            size,
-            len(raw),
-            0,
-            0,
-            0,
-            0,
-            0,
-            offset,
-        )
-        central += raw
-    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), len(out), 0)
-    path.write_bytes(bytes(out + central + end))
+def write_zip(path: Path, entries: list[tuple[str, bytes | int, int, int, int]]) -> Path:
+    """A zip from raw entries ``(name, stored bytes, method, uncompressed size, crc)``: sizes may lie.
+
+    Stored bytes given as an int are that many zeros, written as a hole in a sparse file.
+    """
+    central = bytearray()
+    with open(path, "wb") as fh:
+        for name, data, method, size, crc in entries:
+            offset, raw = fh.tell(), name.encode()
+            length = data if isinstance(data, int) else len(data)
+            fh.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, length, size, len(raw), 0))
+            fh.write(raw)
+            if isinstance(data, int):
+                fh.seek(data, os.SEEK_CUR)
+            else:
+                fh.write(data)
+            central += struct.pack("<IHHHHHHIII", 0x02014B50, 20, 20, 0, method, 0, 0x21, crc, length, size)
+            central += struct.pack("<HHHHHII", len(raw), 0, 0, 0, 0, 0, offset) + raw
+        start = fh.tell()
+        fh.write(central)
+        fh.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), start, 0))
     return path
+
+
+@functools.cache
+def zeros_crc(nbytes: int) -> int:
+    """CRC-32 of ``nbytes`` zero bytes (a multiple of 1 MiB), without holding them all."""
+    chunk, crc = bytes(1 << 20), 0
+    for _ in range(nbytes >> 20):
+        crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 @functools.cache
@@ -287,11 +287,26 @@ def zero_deflate(nbytes: int) -> tuple[bytes, int]:
     chunk = bytes(1 << 20)
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     first, steady = (c.compress(chunk) + c.flush(zlib.Z_SYNC_FLUSH) for _ in range(2))
-    n = nbytes >> 20
-    crc = 0
-    for _ in range(n):
-        crc = zlib.crc32(chunk, crc)
-    return first + steady * (n - 1) + c.flush(zlib.Z_FINISH), crc
+    return first + steady * ((nbytes >> 20) - 1) + c.flush(zlib.Z_FINISH), zeros_crc(nbytes)
+
+
+def zstd_zero_tensor_file(tmp: Path, nbytes: int) -> Path:
+    """A .zst of a valid torch file with one all-zero tensor of ``nbytes``: a few KB on disk, ``nbytes`` once loaded.
+
+    The torch file is written sparse (its zeros are a hole) and compressed as a stream; neither is ever in memory.
+    """
+    import zstandard
+
+    s = Storage("0", torch.float32, nbytes // 4)
+    pkl = torch_pickle({"w": View(s, 0, (nbytes // 4,), (1,))})
+    entries = [stored("archive/data.pkl", pkl), stored("archive/byteorder", b"little")]
+    plain = write_zip(
+        tmp / "zeros.pt", [*entries, ("archive/data/0", nbytes, zipfile.ZIP_STORED, nbytes, zeros_crc(nbytes))]
+    )
+    with open(plain, "rb") as fin, open(tmp / "zeros.pt.zst", "wb") as fout:
+        zstandard.ZstdCompressor(level=1).copy_stream(fin, fout, size=plain.stat().st_size)
+    plain.unlink()
+    return tmp / "zeros.pt.zst"
 
 
 def stored(name: str, data: bytes) -> tuple[str, bytes, int, int, int]:
@@ -319,6 +334,28 @@ def oversized_entry_file(tmp: Path) -> Path:
     data[central + 20 : central + 28] = struct.pack("<II", 2**31, 2**31)
     path.write_bytes(bytes(data))
     return path
+
+
+def duplicate_entry_file(tmp: Path) -> Path:
+    """Two data.pkl entries: a zip reader and a scanner may each see a different one."""
+    s = Storage("0", torch.float32, 4)
+    good, evil = torch_pickle({"w": View(s, 0, (4,), (1,))}), pickle.dumps(payload("os.system", tmp))
+    entries = [stored("archive/data.pkl", good), stored("archive/data/0", bytes(16)), stored("archive/data.pkl", evil)]
+    return write_zip(tmp / "twice.pt", entries)
+
+
+def escaping_entry_file(tmp: Path) -> Path:
+    """A zip entry whose name climbs out of the archive folder."""
+    s = Storage("0", torch.float32, 4)
+    pkl = torch_pickle({"w": View(s, 0, (4,), (1,))})
+    entries = [stored("archive/data.pkl", pkl), stored("archive/data/0", bytes(16)), stored("../../evil.py", b"x")]
+    return write_zip(tmp / "escape.pt", entries)
+
+
+def escaping_storage_key_file(tmp: Path) -> Path:
+    """A storage whose record key points outside the archive's data folder."""
+    s = Storage("../../etc/passwd", torch.float32, 4)
+    return write_torch_zip(tmp / "key.pt", torch_pickle({"w": View(s, 0, (4,), (1,))}), {"0": bytes(16)})
 
 
 def compressed_pickle_file(tmp: Path) -> Path:

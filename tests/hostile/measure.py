@@ -38,14 +38,16 @@ def run_case(case: Case) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="pruneapp-hostile-") as tmp:
         path = case.build(Path(tmp))
-        run = run_isolated(path, TEST_LIMITS)
+        run = run_isolated(path, case.limits)
         ran = marker(Path(tmp)).exists()
         try:
             assert_outcome(case, run.error or run.model, Path(tmp), path)
             verdict = "as expected"
         except AssertionError as e:
             verdict = f"NOT as expected: {e}".splitlines()[0]
-    return {"case": case.name, "outcome": _outcome(run), "verdict": verdict, "payload_ran": ran, **_cost(run)}
+    own = {k: v for k, v in vars(case.limits).items() if v != getattr(TEST_LIMITS, k)}
+    name = case.name + (f" (limits: {', '.join(f'{k}={v}' for k, v in own.items())})" if own else "")
+    return {"case": name, "outcome": _outcome(run), "verdict": verdict, "payload_ran": ran, **_cost(run)}
 
 
 def _outcome(run: IsolatedLoad) -> str:
