@@ -51,11 +51,10 @@ def run_case(case: Case) -> dict[str, Any]:
 
 
 def _outcome(run: IsolatedLoad) -> str:
-    if run.limit:
-        return f"stopped by the worker's {run.limit} limit"
     if run.error is not None:
         message = str(run.error)
-        return f"{type(run.error).__name__}: {message[:120]}{'…' if len(message) > 120 else ''}"
+        stopped = f"stopped by the worker's {run.limit} limit; " if run.limit else ""
+        return f"{stopped}{type(run.error).__name__}: {message[:120]}{'…' if len(message) > 120 else ''}"
     assert run.model is not None
     return f"loaded: {len(run.model.weights)} tensors ({run.model.structure})"
 
