@@ -568,7 +568,7 @@ def read_weights(path: str | Path, limits: Limits | None = None) -> dict[str, to
     head = _head(path, limits)
     if head.startswith(ZSTD_MAGIC):
         with tempfile.TemporaryDirectory(prefix="pruneapp-") as tmp:
-            inner = Path(tmp) / path.name.removesuffix(".zst")
+            inner = Path(tmp) / path.name  # errors about the inner file name the file the user gave
             decompress_file(path, inner, limits.max_decompressed_bytes)
             return _read_plain(inner, _head(inner, limits), limits)
     return _read_plain(path, head, limits)

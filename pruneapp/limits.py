@@ -27,7 +27,7 @@ class Limits:
     max_depth: int = 31  # nesting of containers, counted along shared references
     max_pickle_bytes: int = 256 * MiB  # data.pkl / header of a file
     max_zip_entries: int = 200_000
-    max_decompressed_bytes: int = 8 * GiB  # output cap for .zst inputs
+    max_decompressed_bytes: int = 4 * GiB  # output cap for .zst inputs; at most worker_memory_bytes
     worker_memory_bytes: int = 4 * GiB  # memory one isolated load may use on top of the loader itself
     worker_cpu_seconds: int = 120  # CPU time of one isolated load
     worker_wall_seconds: int = 180  # wall time of one isolated load
