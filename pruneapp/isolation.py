@@ -78,6 +78,16 @@ class IsolatedLoad:
         return self.model
 
 
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slots(n: int) -> threading.BoundedSemaphore:
+    """One semaphore per configured count: at most ``n`` workers (each up to its memory budget) at once."""
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(max(1, n), threading.BoundedSemaphore(max(1, n)))
+
+
 @dataclass(frozen=True)
 class _Budget:
     memory_bytes: int
@@ -122,7 +132,8 @@ def run_isolated(
     start = time.perf_counter()
     model, error = None, None
     try:
-        reply = _server().run(_request(path, out, limits, budget, loader), budget.wall_s + _GRACE_S)
+        with _slots(limits.max_concurrent_loads):
+            reply = _server().run(_request(path, out, limits, budget, loader), budget.wall_s + _GRACE_S)
         try:
             model = _outcome(reply, budget, out, Path(path).name)
         except PruneAppError as exc:

@@ -30,6 +30,7 @@ class Limits:
     max_decompressed_bytes: int = 4 * GiB  # output cap for .zst inputs; at most worker_memory_bytes
     worker_memory_bytes: int = 4 * GiB  # memory one isolated load may use on top of the loader itself
     worker_cpu_seconds: int = 120  # CPU time of one isolated load
+    max_concurrent_loads: int = 2  # isolated loads at once in this process; further uploads wait their turn
     worker_wall_seconds: int = 180  # wall time of one isolated load
 
     @classmethod

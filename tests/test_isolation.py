@@ -6,6 +6,7 @@ with every kind of content, memory and CPU hogs, crashes.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from torch import nn
 from pruneapp import isolation
 from pruneapp.errors import CorruptFileError, LimitExceededError, PruneAppError, UnsafeFileError
 from pruneapp.isolation import IsolatedLoad, load_isolated, run_isolated
-from pruneapp.limits import Limits
+from pruneapp.limits import Limits, default_limits
 from pruneapp.loading import LoadedModel, load_model
 from pruneapp.unpickling import StandIn
 
@@ -365,3 +366,19 @@ def test_parent_refuses_views_outside_their_storage() -> None:
     node = {"t": "tensor", "n": 0, "entry": "s0", "dtype": "float32", "shape": [8], "stride": [1], "offset": 0}
     with pytest.raises(ValueError, match="does not fit its storage"):
         decoder.decode({**node, "grad": False, "param": False})
+
+
+def test_loads_beyond_the_concurrency_limit_wait_their_turn(tmp_path: Path) -> None:
+    one_at_a_time = dataclasses.replace(default_limits(), max_concurrent_loads=1)
+    results: list[IsolatedLoad] = []
+
+    def load() -> None:
+        results.append(run_isolated(tmp_path / "x.pt", one_at_a_time, timeout_s=1, loader=f"{ME}:hang"))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.limit for r in results] == ["wall", "wall"]
+    assert max(r.seconds for r in results) >= 2.0  # the second waited for the first's whole second
