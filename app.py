@@ -14,7 +14,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ SWEEP_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99
 NM_PATTERNS = ("2:4", "1:4", "4:8", "1:2")
 
 METHOD_HELP = {
-    "global-l1": "Removes the smallest weights of the whole model at one threshold: the default, best for files.",
+    "global-l1": "Removes the smallest weights of the whole model at one threshold: the default, and usually best.",
     "layer-l1": "Removes the same share of smallest weights from every layer: use it when no layer may lose much more "
     "than the others.",
     "random": "Removes weights at random (seeded): a baseline to compare the other methods with, not for real use.",
@@ -53,7 +53,6 @@ class Source:
     key: str  # changes whenever the file does
     path: Path
     label: str
-    is_demo: bool
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,7 @@ class ModelCheck:
     """Checks that need the model's code, so only for models the app can run (the demo)."""
 
     agreement: dict[str, float]
+    method: str
     sparsity: float
     accuracy_before: float
     accuracy_after: float
@@ -84,7 +84,6 @@ class RunResult:
     check: ModelCheck | None = None
     sweep: list[SweepPoint] | None = None
     sweep_method: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 class SessionDir:
@@ -161,8 +160,8 @@ def sidebar_source(limits: Limits, workdir: Path) -> Source:
     st.sidebar.caption(f"Up to {limit_mb:,} MB per file. Without an upload, the demo model is used.")
     if upload is None:
         remove_upload(workdir)
-        return Source("demo", demo.DEMO_MODEL_PATH, "Demo model: a small CNN for 8x8 handwritten digits", True)
-    return Source(f"upload:{upload.file_id}", save_upload(upload, workdir), upload.name, False)
+        return Source("demo", demo.DEMO_MODEL_PATH, "Demo model: a small CNN for 8x8 handwritten digits")
+    return Source(f"upload:{upload.file_id}", save_upload(upload, workdir), upload.name)
 
 
 def save_upload(upload: Any, workdir: Path) -> Path:
@@ -191,8 +190,7 @@ def sidebar_settings(inspection: Inspection | None) -> RunOptions:
     sb.caption(METHOD_HELP.get(method, ""))
     nm = (2, 4)
     if method == "n:m":
-        pattern = sb.selectbox("N:M pattern (keep N of every M)", NM_PATTERNS, key="nm")
-        nm = tuple(int(x) for x in pattern.split(":"))
+        nm = pruning.parse_nm(sb.selectbox("N:M pattern (keep N of every M)", NM_PATTERNS, key="nm"))
     percent = sb.slider(
         "Sparsity (share of weights set to zero)",
         0,
@@ -205,36 +203,42 @@ def sidebar_settings(inspection: Inspection | None) -> RunOptions:
     )
     device = sb.selectbox("Device", available_devices(), key="device", help="Where the pruning runs.")
     with sb.expander("Advanced"):
-        norm = st.radio("Row norm", (1, 2), key="norm", horizontal=True) if method == "ln-structured" else 1
-        seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="seed")) if method == "random" else 0
-        include = st.text_input("Only tensors matching", key="include", placeholder="e.g. *.weight, encoder.*")
-        exclude = st.text_input("Skip tensors matching", key="exclude", placeholder="e.g. *embed*, lm_head.*")
-        level = st.slider(
-            "zstd level",
-            formats.ZSTD_LEVELS[0],
-            formats.ZSTD_LEVELS[-1],
-            formats.DEFAULT_ZSTD_LEVEL,
-            key="zstd_level",
-            help="Higher: smaller, slower.",
-        )
-        has_extras = bool(inspection and inspection.extra_bytes)
-        drop = st.checkbox(
-            "Drop optimizer state and other non-weight entries",
-            key="drop_extras",
-            disabled=not has_extras,
-            help="Training checkpoints carry optimizer state that inference does not need.",
-        )
+        advanced = advanced_settings(method, has_extras=bool(inspection and inspection.extra_bytes))
     settings = pruning.PruneSettings(
         method=method,
         sparsity=percent / 100,
         nm=nm,
-        norm=int(norm),
-        seed=seed,
-        include=split_patterns(include),
-        exclude=split_patterns(exclude),
+        norm=advanced["norm"],
+        seed=advanced["seed"],
+        include=advanced["include"],
+        exclude=advanced["exclude"],
         device=device,
     )
-    return RunOptions(settings, int(level), bool(drop and has_extras))
+    return RunOptions(settings, advanced["zstd_level"], advanced["drop_extras"])
+
+
+def advanced_settings(method: str, has_extras: bool) -> dict[str, Any]:
+    """The expander's options: the method's own knob, tensor patterns, zstd level, dropping non-weight entries."""
+    norm = st.radio("Row norm", (1, 2), key="norm", horizontal=True) if method == "ln-structured" else 1
+    seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="seed") if method == "random" else 0
+    include = st.text_input("Only tensors matching", key="include", placeholder="e.g. *.weight, encoder.*")
+    exclude = st.text_input("Skip tensors matching", key="exclude", placeholder="e.g. *embed*, lm_head.*")
+    levels = formats.ZSTD_LEVELS
+    level = st.slider("zstd level", levels[0], levels[-1], formats.DEFAULT_ZSTD_LEVEL, key="zstd_level")
+    drop = st.checkbox(
+        "Drop optimizer state and other non-weight entries",
+        key="drop_extras",
+        disabled=not has_extras,
+        help="Training checkpoints carry optimizer state that inference does not need.",
+    )
+    return {
+        "norm": int(norm),
+        "seed": int(seed),
+        "include": split_patterns(include),
+        "exclude": split_patterns(exclude),
+        "zstd_level": int(level),
+        "drop_extras": bool(drop and has_extras),
+    }
 
 
 def split_patterns(text: str) -> tuple[str, ...]:
@@ -286,8 +290,8 @@ def bytes_breakdown(info: Inspection) -> str:
 # ---- running -------------------------------------------------------------------------------------------------------
 
 
-def staged_progress() -> tuple[Callable[[str, float], None], Any, Any]:
-    """A status box and progress bar, and the library progress callback that drives both."""
+def staged_progress() -> tuple[Callable[[str, float], None], Any]:
+    """A status box with a progress bar, and the library progress callback that names each stage in both."""
     status = st.status("Pruning", expanded=True)
     bar = status.progress(0.0, text="Starting")
 
@@ -295,12 +299,12 @@ def staged_progress() -> tuple[Callable[[str, float], None], Any, Any]:
         bar.progress(min(max(float(fraction), 0.0), 1.0), text=stage)
         status.update(label=stage)
 
-    return progress, status, bar
+    return progress, status
 
 
 def run_pruning(source: Source, options: RunOptions, limits: Limits, workdir: Path) -> RunResult | None:
     out_dir = workdir / f"run-{uuid.uuid4().hex[:8]}"
-    progress, status, _ = staged_progress()
+    progress, status = staged_progress()
     try:
         report, out_dir = pipeline.prune_file(
             source.path,
@@ -338,6 +342,7 @@ def model_check(source: Source, result: RunResult, limits: Limits) -> ModelCheck
     curve_settings = settings if settings.method != "n:m" else dataclasses.replace(settings, method="global-l1")
     return ModelCheck(
         agreement=demo.agreement(original, pruned),
+        method=settings.method,
         sparsity=result.report.sparsity_achieved,
         accuracy_before=demo.evaluate(original),
         accuracy_after=demo.evaluate(pruned),
@@ -350,7 +355,7 @@ def run_sweep(source: Source, result: RunResult, limits: Limits) -> None:
     settings = result.options.settings
     if settings.method == "n:m":
         settings = dataclasses.replace(settings, method="global-l1")
-    progress, status, _ = staged_progress()
+    progress, status = staged_progress()
     try:
         result.sweep = pipeline.sweep(
             source.path,
@@ -407,7 +412,8 @@ def show_sizes(report: Report) -> None:
 
 
 def show_layers(report: Report) -> None:
-    st.caption("Global pruning spreads the zeros unevenly: large layers with small weights lose the most.")
+    if report.settings.get("method") == "global-l1":
+        st.caption("One global threshold spreads the zeros unevenly: layers with many small weights lose the most.")
     st.plotly_chart(charts.layer_sparsity_chart(report), key="layer_chart")
 
 
@@ -437,7 +443,9 @@ def show_check(check: ModelCheck) -> None:
     cols[1].metric("Same prediction as the original", f"{check.agreement['top1_agreement']:.1%}")
     cols[2].metric("Largest change of an output", f"{check.agreement['max_abs_logit_diff']:.3g}")
     fig = charts.accuracy_chart(check.curve)
-    fig.add_scatter(x=[check.sparsity], y=[check.accuracy_after], mode="markers", name="this run", marker_size=14)
+    fig.add_scatter(
+        x=[check.sparsity], y=[check.accuracy_after], mode="markers", name=f"this run ({check.method})", marker_size=14
+    )
     st.caption(f"Accuracy on the demo's held-out test set after {check.curve_method} pruning at each sparsity.")
     st.plotly_chart(fig, key="accuracy_chart")
 
@@ -484,7 +492,7 @@ def show_results(source: Source, result: RunResult, current: RunOptions, limits:
         st.info("The settings changed since this run: press Prune to apply them.")
     show_headline(result.report)
     names = ["Sizes", "Downloads", "Per layer", "Weights", "Sweep"] + (["Model check"] if result.check else [])
-    tabs = st.tabs(names)
+    tabs = st.tabs(names, key="result_tabs")
     with tabs[0]:
         show_sizes(result.report)
     with tabs[1]:
@@ -524,11 +532,12 @@ def main() -> None:
         st.error(info)
         return
     show_inspection(source, info, collapsed=clicked or result is not None)
-    if clicked:
-        new = run_pruning(source, options, limits, workdir)
-        if new is not None:
-            forget_result()
-            st.session_state.result = result = new
+    with st.container():  # always present, so the elements below keep their place (and the open tab) across reruns
+        if clicked:
+            new = run_pruning(source, options, limits, workdir)
+            if new is not None:
+                forget_result()
+                st.session_state.result = result = new
     if result is None:
         st.info("Choose a method and sparsity in the sidebar, then press Prune.")
         return

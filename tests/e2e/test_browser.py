@@ -180,13 +180,19 @@ def save_model(path: Path, *layers: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_demo_run_shows_charts(page, tmp_path: Path) -> None:
+def test_demo_run_shows_charts_and_sweeps_on_demand(page, tmp_path: Path) -> None:
     wait_idle(page)
     page.locator("h3").filter(has_text="Demo model").wait_for()
     press_prune(page)
     wait_chart(page)
     open_tab(page, "Model check")
     page.locator("[data-testid=stMetric]").filter(has_text="Same prediction as the original").wait_for()
+    open_tab(page, "Sweep")
+    page.get_by_role("button", name="Run sweep").click()
+    page.get_by_text("Sweep done").wait_for()
+    wait_idle(page)
+    assert page.get_by_role("tab", selected=True).inner_text() == "Sweep"  # the rerun keeps the open tab
+    wait_chart(page)
     open_tab(page, "Sizes")
     wait_chart(page)
     page.set_viewport_size({"width": 1440, "height": 1250})
