@@ -197,6 +197,7 @@ def test_demo_run_shows_charts_and_sweeps_on_demand(page, tmp_path: Path) -> Non
     wait_chart(page)
     page.set_viewport_size({"width": 1440, "height": 1250})
     page.mouse.move(0, 0)
+    page.wait_for_timeout(1000)  # let the tab underline finish sliding
     shot = tmp_path / "screenshot.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
