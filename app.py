@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
-import torch
 
 from pruneapp import charts, demo, formats, loading, pipeline, pruning
 from pruneapp.charts import format_label, human_bytes
@@ -33,17 +32,6 @@ SESSION_DIR_PREFIX = "pruneapp-session-"
 STALE_SESSION_SECONDS = 12 * 3600  # left behind by a crashed or killed server
 SWEEP_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 NM_PATTERNS = ("2:4", "1:4", "4:8", "1:2")
-
-METHOD_HELP = {
-    "global-l1": "Removes the smallest weights of the whole model at one threshold: the default, and usually best.",
-    "layer-l1": "Removes the same share of smallest weights from every layer: use it when no layer may lose much more "
-    "than the others.",
-    "random": "Removes weights at random (seeded): a baseline to compare the other methods with, not for real use.",
-    "ln-structured": "Removes whole rows (output channels) with the smallest norm: use it when you later want to "
-    "slim the layers themselves.",
-    "n:m": "Keeps N of every M neighbouring weights (2:4 by default): the pattern that sparse tensor cores on recent "
-    "NVIDIA GPUs run faster.",
-}
 
 
 @dataclass(frozen=True)
@@ -138,13 +126,6 @@ def download_mime(file_name: str) -> str:
     return "application/gzip"
 
 
-def available_devices() -> list[str]:
-    if hasattr(pruning, "available_devices"):
-        return list(pruning.available_devices())
-    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return devices + (["mps"] if torch.backends.mps.is_available() else [])
-
-
 # ---- sidebar -------------------------------------------------------------------------------------------------------
 
 
@@ -187,7 +168,7 @@ def remove_upload(workdir: Path) -> None:
 def sidebar_settings(inspection: Inspection | None) -> RunOptions:
     sb = st.sidebar
     method = sb.selectbox("Method", pruning.METHODS, key="method")
-    sb.caption(METHOD_HELP.get(method, ""))
+    sb.caption(pruning.METHOD_HELP.get(method, ""))
     nm = (2, 4)
     if method == "n:m":
         nm = pruning.parse_nm(sb.selectbox("N:M pattern (keep N of every M)", NM_PATTERNS, key="nm"))
@@ -201,7 +182,7 @@ def sidebar_settings(inspection: Inspection | None) -> RunOptions:
         disabled=method == "n:m",
         help="With n:m the pattern sets the sparsity (2:4 is 50%).",
     )
-    device = sb.selectbox("Device", available_devices(), key="device", help="Where the pruning runs.")
+    device = sb.selectbox("Device", pruning.available_devices(), key="device", help="Where the pruning runs.")
     with sb.expander("Advanced"):
         advanced = advanced_settings(method, has_extras=bool(inspection and inspection.extra_bytes))
     settings = pruning.PruneSettings(

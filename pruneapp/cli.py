@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model file and write its outputs and report.json")
     p.add_argument("input", help="model file: .pt/.pth/.bin/.ckpt, .safetensors, TorchScript, ...")
     p.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights to zero (default 0.9)")
-    p.add_argument("--method", choices=pruning.METHODS, default="global-l1")
+    p.add_argument(
+        "--method",
+        choices=pruning.METHODS,
+        default="global-l1",
+        help=" ".join(f"{m}: {text}" for m, text in pruning.METHOD_HELP.items()),
+    )
     p.add_argument("--nm", default="2:4", help="N:M pattern for --method n:m (default 2:4)")
     p.add_argument("--norm", type=int, choices=(1, 2), default=1, help="norm for ln-structured")
     p.add_argument("--seed", type=int, default=0, help="seed for random")

@@ -1,12 +1,12 @@
 """The exceptions pruneapp raises, each with a one-line message written for users.
 
-    PruneAppError                 base: every error a user can cause; exit code 2
-    ├── UnsupportedFileError      the file is not a model pruneapp can read (with how to re-save it)
-    ├── CorruptFileError          the file is truncated, damaged or internally inconsistent
-    ├── UnsafeFileError           the file tries to run code or to exhaust resources
-    ├── LimitExceededError        the file is larger than a configured limit (names the limit)
-    ├── SettingsError             a bad method, sparsity, pattern, device or option
-    └── OutputExistsError         an output file already exists and --force was not given
+PruneAppError                 base: every error a user can cause; exit code 2
+├── UnsupportedFileError      the file is not a model pruneapp can read (with how to re-save it)
+├── CorruptFileError          the file is truncated, damaged or internally inconsistent
+├── UnsafeFileError           the file tries to run code or to exhaust resources
+├── LimitExceededError        the file is larger than a configured limit (names the limit)
+├── SettingsError             a bad method, sparsity, pattern, device or option
+└── OutputExistsError         an output file already exists and --force was not given
 """
 
 from __future__ import annotations

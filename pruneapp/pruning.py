@@ -35,6 +35,18 @@ import torch
 from pruneapp.errors import SettingsError
 
 METHODS = ("global-l1", "layer-l1", "random", "ln-structured", "n:m")
+
+# One plain sentence per method, for users choosing one (app and CLI help).
+METHOD_HELP = {
+    "global-l1": "Removes the smallest weights of the whole model at one threshold: the default, and usually best.",
+    "layer-l1": "Removes the same share of smallest weights from every layer: use it when no layer may lose much more"
+    " than the others.",
+    "random": "Removes weights at random (seeded): a baseline to compare the other methods with, not for real use.",
+    "ln-structured": "Removes whole rows (output channels) with the smallest norm: use it when you later want to"
+    " slim the layers themselves.",
+    "n:m": "Keeps N of every M neighbouring weights (2:4 by default): the pattern that sparse tensor cores on recent"
+    " NVIDIA GPUs run faster.",
+}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 Progress = Callable[[str, float], None]  # (stage message, fraction done in [0, 1])
@@ -126,6 +138,12 @@ def _check_nm(nm: object) -> None:
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in nm) and 0 < nm[0] < nm[1]
     if not ok:
         raise SettingsError(f"Bad N:M pattern {nm!r}: N and M must be positive integers with N < M, e.g. 2:4.")
+
+
+def available_devices() -> list[str]:
+    """Every device this machine can prune on: cpu, each CUDA GPU torch sees, and mps where present."""
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -557,7 +575,7 @@ def _result(
         if pruned and tied_to is None and after == t.numel() and before < t.numel():
             warnings.append(
                 f"{name!r} was pruned to 100%: all {t.numel()} of its weights are zero;"
-                f" exclude it (--exclude '{name}') or lower the sparsity."
+                " exclude it from pruning or lower the sparsity."
             )
     counted = [s for s in stats if s.pruned and s.tied_to is None]
     total = sum(s.numel for s in counted)

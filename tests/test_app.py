@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 from streamlit.testing.v1 import AppTest

@@ -13,7 +13,16 @@ from torch.nn.utils import prune as torch_prune
 
 from pruneapp import pruning
 from pruneapp.errors import SettingsError
-from pruneapp.pruning import PruneSettings, global_threshold, parse_nm, prune, resolve_device
+from pruneapp.pruning import (
+    METHOD_HELP,
+    METHODS,
+    PruneSettings,
+    available_devices,
+    global_threshold,
+    parse_nm,
+    prune,
+    resolve_device,
+)
 from tests.conftest import make_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -475,3 +484,16 @@ def test_gpu_inplace_writes_back_into_callers_tensors() -> None:
 def test_absent_cuda_index_is_a_clear_error() -> None:
     with pytest.raises(SettingsError, match="'cuda:99' is not available"):
         resolve_device("cuda:99")
+
+
+def test_available_devices_lists_cpu_first_and_every_cuda_gpu() -> None:
+    devices = available_devices()
+    assert devices[0] == "cpu"
+    assert [d for d in devices if d.startswith("cuda")] == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for device in devices:
+        resolve_device(device)
+
+
+def test_every_method_has_one_plain_sentence() -> None:
+    assert set(METHOD_HELP) == set(METHODS)
+    assert all(text.endswith(".") and text.count(". ") == 0 for text in METHOD_HELP.values())
