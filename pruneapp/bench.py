@@ -197,10 +197,13 @@ def write_synthetic(n_params: int, path: Path, seed: int = 0) -> int:
 
 # Measures one command from a small process: a child spawned straight from the benchmark would inherit the
 # benchmark's own peak RSS (Linux carries the old address space's high-water mark across exec, and vfork shares it).
-# While the command runs with children of its own (an isolated load), the PSS of the whole tree is sampled every
-# 10 ms, because ru_maxrss is the largest single process, not their sum. argv: result path, command...
+# While the command runs with children of its own (an isolated load), its tree's RSS is polled every 10 ms and, at
+# each new high, the PSS of the tree is read (smaps_rollup is too slow to read that often), because ru_maxrss is the
+# largest single process, not their sum. argv: result path, command...
 WRAPPER_CODE = """\
 import json, os, sys, time
+
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 def tree(pid):
     found = [pid]
@@ -212,6 +215,13 @@ def tree(pid):
         pass
     return found
 
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE_KIB
+    except (OSError, ValueError, IndexError):
+        return 0
+
 def pss_kib(pid):
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -221,14 +231,17 @@ def pss_kib(pid):
 
 t0 = time.perf_counter()
 pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
-tree_peak = 0
+tree_peak = rss_high = 0
 while True:
     done, status, usage = os.wait4(pid, os.WNOHANG)
     if done:
         break
     procs = tree(pid)
     if len(procs) > 1:
-        tree_peak = max(tree_peak, sum(pss_kib(p) for p in procs))
+        rss = sum(rss_kib(p) for p in procs)
+        if rss > rss_high * 1.01:
+            rss_high = rss
+            tree_peak = max(tree_peak, sum(pss_kib(p) for p in procs))
     time.sleep(0.01)
 seconds = time.perf_counter() - t0
 with open(sys.argv[1], "w") as f:
