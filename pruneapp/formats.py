@@ -12,10 +12,10 @@ import json
 import math
 import os
 import pickletools
+import shutil
 import struct
 import tempfile
 import time
-import uuid
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -185,15 +185,30 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _atomic(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; rename it onto ``target`` only when the block completes."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")  # created by the writer, umask applies
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path for ``target`` in a private folder beside it; move it onto ``target`` on success.
+
+    The temporary file has ``target``'s own name (torch.save names the archive's inner folder after the file,
+    so the finished file is the same as one written to ``target`` directly) and umask permissions.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        tmp = folder / target.name
         yield tmp
+        os.chmod(tmp, _FILE_MODE)  # as open() would create it; safetensors' writer makes 0600 files
         os.replace(tmp, target)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _read_umask() -> int:
+    """The process umask (read once, at import: setting it is process-wide, not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
 
 
 class _Writer:
@@ -213,7 +228,7 @@ class _Writer:
 
     def write(self, fmt: str, target: Path) -> OutputFile:
         t0 = time.perf_counter()
-        with _atomic(target) as tmp:
+        with atomic_path(target) as tmp:
             if fmt == "packed":
                 notes = self._packed(tmp)
             elif fmt.endswith(".zst"):

@@ -5,9 +5,11 @@ The CLI and the app both call these functions.
 
 from __future__ import annotations
 
-import math
+import contextlib
+import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -129,49 +131,95 @@ class _Stages:
         report("done", 1.0)
 
 
+_FINE_SHIFT = 16  # fine buckets: float32 magnitude bits >> 16 = exponent + top 7 mantissa bits (1/128 octave)
+_FINE_BUCKETS = 0x7F80  # keys of finite magnitudes (inf = 0x7F800000 >> 16)
+_CHUNK = 1 << 22
+
+
 def magnitude_histogram(
     weights: dict[str, torch.Tensor], names: Sequence[str], threshold: float | None, bins: int = HISTOGRAM_BINS
 ) -> Histogram:
-    """Histogram of log10 |w| over the named tensors, built tensor by tensor (zeros counted apart)."""
-    lo, hi, zeros = math.inf, -math.inf, 0
+    """Exact histogram of log10 |w| over the named tensors (zeros counted apart; NaN and inf left out).
+
+    Counts fine buckets of the float32 bit pattern chunk by chunk (no float64 copy of the model), then joins
+    them into about ``bins`` bins whose edges are fine-bucket boundaries, evenly spaced in log10 |w|.
+    """
+    fine = torch.zeros(1 << 15, dtype=torch.int64)  # every key; those from _FINE_BUCKETS up are inf and NaN
+    zeros = 0
     for name in names:
-        a = weights[name].detach().abs().float()
-        nz = a[(a > 0) & torch.isfinite(a)]
-        zeros += a.numel() - nz.numel()
-        if nz.numel():
-            lo, hi = min(lo, nz.min().item()), max(hi, nz.max().item())
-    if lo > hi:
+        for chunk in weights[name].detach().reshape(-1).split(_CHUNK):
+            bits = chunk.float().view(torch.int32)
+            step = torch.bincount((bits >> _FINE_SHIFT) & 0x7FFF, minlength=1 << 15)  # sign bit dropped
+            if step[0]:  # bucket 0 holds zeros and subnormals: count the zeros exactly
+                zeros += int(((bits & 0x7FFFFFFF) == 0).sum())
+            fine += step
+    fine = fine[:_FINE_BUCKETS]
+    fine[0] -= zeros
+    used = fine.nonzero().flatten()
+    if used.numel() == 0:
         return Histogram(edges=[], counts=[], zeros=zeros, threshold=threshold)
-    lo, hi = math.log10(lo), math.log10(hi)
-    hi = hi if hi > lo else lo + 1.0
-    counts = torch.zeros(bins, dtype=torch.float64)
-    for name in names:
-        a = weights[name].detach().abs().float()
-        nz = a[(a > 0) & torch.isfinite(a)]
-        counts += torch.histc(nz.double().log10().clamp_(lo, hi), bins=bins, min=lo, max=hi)
-    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64).tolist()
-    return Histogram(edges=edges, counts=[int(c) for c in counts.tolist()], zeros=zeros, threshold=threshold)
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    bounds = torch.arange(max(lo, 1), hi + 1, dtype=torch.int32) << _FINE_SHIFT  # (k,) float32 bit patterns
+    logs = bounds.view(torch.float32).double().log10()
+    targets = torch.linspace(float(logs[0]), float(logs[-1]), bins + 1, dtype=torch.float64)
+    picks = torch.unique(torch.searchsorted(logs, targets).clamp_(0, logs.numel() - 1))
+    picks[0], picks[-1] = 0, logs.numel() - 1
+    picks = torch.unique(picks)
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.int64), fine[max(lo, 1) : hi].cumsum(0)])
+    counts = (cumulative[picks[1:]] - cumulative[picks[:-1]]).tolist()
+    counts[0] += int(fine[0]) if lo == 0 else 0  # subnormals below the first edge
+    return Histogram(edges=logs[picks].tolist(), counts=counts, zeros=zeros, threshold=threshold)
 
 
-def torch_prune_bytes(weights: dict[str, torch.Tensor], pruned: Sequence[str], directory: Path, stem: str) -> int:
-    """Size of the file ``torch.nn.utils.prune`` saves before ``prune.remove``, measured by writing it.
+def torch_prune_bytes(model: LoadedModel, pruned: Sequence[str]) -> int:
+    """Size of the file ``torch.nn.utils.prune`` users save before ``prune.remove``, measured by writing it.
 
-    Each pruned ``name`` becomes ``name_orig`` (the original weights) plus ``name_mask`` (a mask of the
-    weight's own dtype and shape). torch.save stores records uncompressed, so a stand-in that shares the
-    original's memory under a storage of its own gives the mask's exact byte count without allocating it.
+    The input's own structure (optimizer state and other entries included), where each pruned ``name``
+    becomes ``name_orig`` (the original weights) plus ``name_mask`` (a mask of the weight's dtype and shape).
+    torch.save stores records uncompressed, so a stand-in that shares the original's memory under a storage
+    of its own gives the mask's exact byte count without allocating it.
     """
     pruned_set = set(pruned)
     state: dict[str, torch.Tensor] = {}
-    for name, t in weights.items():
+    for name, t in model.weights.items():
         if name in pruned_set:
             state[name + "_orig"] = t
             state[name + "_mask"] = _same_bytes_new_storage(t)
         else:
             state[name] = t
-    with tempfile.TemporaryDirectory(prefix=".torch-prune-", dir=directory) as tmp:
-        path = Path(tmp) / f"{stem}.pt"  # torch names the archive's folder after the file
-        torch.save(state, path)
-        return path.stat().st_size
+    return saved_size(model.rebuild(state), output_stem(model.path))
+
+
+def saved_size(obj: object, stem: str) -> int:
+    """Bytes ``torch.save(obj, "<stem>.pt")`` writes, counted through a pipe instead of written to disk.
+
+    torch names the archive's inner folder after the file, so the pipe carries the file's name.
+    """
+    if not hasattr(os, "mkfifo"):
+        with tempfile.TemporaryDirectory(prefix="pruneapp-size-") as tmp:
+            torch.save(obj, Path(tmp) / f"{stem}.pt")
+            return (Path(tmp) / f"{stem}.pt").stat().st_size
+    with tempfile.TemporaryDirectory(prefix="pruneapp-size-") as tmp:
+        pipe = Path(tmp) / f"{stem}.pt"
+        os.mkfifo(pipe)
+        counted: list[int] = []
+        reader = threading.Thread(target=_count_bytes, args=(pipe, counted), daemon=True)
+        reader.start()
+        try:
+            torch.save(obj, pipe)
+        finally:
+            with contextlib.suppress(OSError):  # lets the reader's open() return if torch never opened the pipe
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            reader.join()
+    return counted[0]
+
+
+def _count_bytes(pipe: Path, counted: list[int]) -> None:
+    total = 0
+    with open(pipe, "rb") as f:
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+    counted.append(total)
 
 
 def _same_bytes_new_storage(t: torch.Tensor) -> torch.Tensor:
@@ -229,7 +277,7 @@ def prune_model(
     with stages.stage("prune", f"{settings.method} at {settings.sparsity:.0%}") as report:
         selected = selected_names(model.weights, settings)
         histogram = magnitude_histogram(model.weights, selected, None)
-        trap = torch_prune_bytes(model.weights, selected, out_dir, stem)
+        trap = torch_prune_bytes(model, selected)
         input_weight_bytes = loading.tensor_bytes(model.weights)
         result = prune(model.weights, settings, report, inplace=inplace)
     histogram.threshold = result.threshold

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.utils import prune
 
 from pruneapp import formats
 from pruneapp.errors import LimitExceededError, OutputExistsError, SettingsError
 from pruneapp.limits import Limits
-from pruneapp.pipeline import inspect_file, magnitude_histogram, prune_file, sweep
+from pruneapp.loading import load_model
+from pruneapp.pipeline import inspect_file, magnitude_histogram, prune_file, saved_size, sweep, torch_prune_bytes
 from pruneapp.pruning import PruneSettings
 from pruneapp.report import Report
 
@@ -118,3 +121,23 @@ def test_files_are_loaded_in_a_worker_under_its_limits(tmp_path: Path) -> None:
     with pytest.raises(LimitExceededError, match="memory"):
         prune_file(path, PruneSettings(), out_dir=tmp_path / "o", limits=tight)
     assert not (tmp_path / "o").exists()
+
+
+def test_trap_size_equals_the_file_torch_nn_utils_prune_writes(tmp_path: Path, cnn: torch.nn.Module) -> None:
+    opt = torch.optim.SGD(cnn.parameters(), lr=0.1, momentum=0.9)
+    cnn(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    path = tmp_path / "ck.pt"
+    torch.save({"model": cnn.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}, path)
+    measured = torch_prune_bytes(load_model(path), ["conv.weight", "head.weight"])
+    targets = [(cnn.conv, "weight"), (cnn.head, "weight")]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=0.5)
+    torch.save({"model": cnn.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}, path)
+    assert measured == path.stat().st_size
+
+
+def test_dense_output_has_no_trace_of_its_temporary_name(tmp_path: Path, mlp_file: Path) -> None:
+    report, out = prune_file(mlp_file, PruneSettings(sparsity=0.5), out_dir=tmp_path / "o", formats=["dense"])
+    names = zipfile.ZipFile(out / "mlp.pruned.pt").namelist()
+    assert all(n.startswith("mlp.pruned/") for n in names)
+    assert report.outputs[0].bytes == saved_size(torch.load(out / "mlp.pruned.pt", weights_only=True), "mlp.pruned")
