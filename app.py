@@ -83,6 +83,8 @@ class SessionDir:
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
 
     def touch(self) -> Path:
+        """Mark the directory in use; recreate it if the stale cleanup took it while the session sat idle."""
+        self.path.mkdir(exist_ok=True)
         self.path.touch()
         return self.path
 
@@ -503,8 +505,8 @@ def main() -> None:
     st.caption("Prune a PyTorch model and download checkpoints that really are smaller on disk.")
     source = sidebar_source(limits, workdir)
     result: RunResult | None = st.session_state.get("result")
-    if result is not None and result.source_key != source.key:
-        forget_result()
+    if result is not None and (result.source_key != source.key or not result.out_dir.is_dir()):
+        forget_result()  # another file, or the outputs went with an idle session's directory
         result = None
     info = inspect_source(source, limits)
     options = sidebar_settings(info if isinstance(info, Inspection) else None)
