@@ -123,12 +123,15 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
     src, dst = Path(args.file), Path(args.output)
     if dst.exists() and dst.resolve() == src.resolve():
         raise SettingsError(f"{dst} is the input file; choose another -o path.")
+    if dst.is_dir():
+        raise SettingsError(f"{dst} is a folder; give -o a file name such as {dst / 'model.pt'}.")
+    if not dst.parent.is_dir():
+        raise SettingsError(f"Folder {dst.parent} does not exist; create it or choose another -o path.")
     if dst.exists() and not args.force:
         raise OutputExistsError(f"{dst} already exists; pass --force to overwrite it.")
     weights = fmt.read_weights(src, default_limits())
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(weights, tmp)
-    tmp.replace(dst)
+    with fmt.atomic_path(dst) as tmp:
+        torch.save(weights, tmp)
     print(f"wrote {dst} ({len(weights)} tensors, {human_bytes(dst.stat().st_size)})")
     return 0
 
@@ -192,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PruneAppError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # disk full, no permission, a path that vanished: the user's to fix
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = "check the path, its permissions and free disk space"
+        print(f"error: {where}{exc.strerror or exc}; {hint}.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

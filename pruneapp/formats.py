@@ -106,6 +106,15 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return tuple(f for f in ALL_FORMATS if f in wanted)
 
 
+def check_formats(formats: Sequence[str], zstd_level: int) -> tuple[str, ...]:
+    """The formats, parsed, after checking that they and the zstd level are valid."""
+    parsed = parse_formats(",".join(formats))
+    uses_zstd = parsed == (AUTO,) or any(f.endswith(".zst") or f == "packed" for f in parsed)
+    if uses_zstd and zstd_level not in ZSTD_LEVELS:
+        raise SettingsError(f"zstd level {zstd_level} is out of range; choose 1 to {ZSTD_LEVELS[-1]}.")
+    return parsed
+
+
 def output_name(stem: str, fmt: str, safetensors: bool = False) -> str:
     """File name for ``fmt``: <stem>.pruned.pt (.pruned.safetensors), <stem>.csr.pt, <name>.zst, <stem>.pruneapp."""
     dense = f"{stem}.pruned.safetensors" if safetensors else f"{stem}.pruned.pt"
@@ -141,9 +150,7 @@ def write_outputs(
 
     Every target is checked before anything is written, so a refusal leaves the folder as it was.
     """
-    formats = parse_formats(",".join(formats))
-    if any(f.endswith(".zst") or f == "packed" for f in formats) and zstd_level not in ZSTD_LEVELS:
-        raise SettingsError(f"zstd level {zstd_level} is out of range; choose 1 to {ZSTD_LEVELS[-1]}.")
+    formats = check_formats(formats, zstd_level)
     out_dir = _prepare_dir(Path(out_dir))
     targets = {f: out_dir / output_name(stem, f, _is_safetensors(model)) for f in formats}
     _check_targets(targets.values(), Path(model.path), force)

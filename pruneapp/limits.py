@@ -45,9 +45,12 @@ class Limits:
             try:
                 values[field.name] = int(raw)
             except ValueError:
+                values[field.name] = 0
+            if values[field.name] <= 0:
                 raise SettingsError(
-                    f"PRUNEAPP_{field.name.upper()}={raw!r} is not a whole number; set it to a byte or item count."
-                ) from None
+                    f"PRUNEAPP_{field.name.upper()}={raw!r} is not a positive whole number; set it to a byte or item"
+                    " count, or unset it for the default."
+                )
         return cls(**values)
 
 

@@ -23,7 +23,15 @@ from pruneapp import isolation, loading
 from pruneapp.errors import OutputExistsError, PruneAppError, SettingsError
 from pruneapp.limits import Limits, default_limits
 from pruneapp.loading import LoadedModel
-from pruneapp.pruning import Progress, PruneSettings, prune, selected_names
+from pruneapp.pruning import (
+    Progress,
+    PruneSettings,
+    prune,
+    resolve_device,
+    selected_names,
+    target_sparsity,
+    validate_settings,
+)
 from pruneapp.report import Histogram, InputInfo, OutputSize, Report
 
 Loader = Callable[[Path, Limits], LoadedModel]
@@ -274,7 +282,7 @@ def prune_model(
     limits = limits or default_limits()
     stages = stages or _Stages(None)
     stem = output_stem(model.path)
-    with stages.stage("prune", f"{settings.method} at {settings.sparsity:.0%}") as report:
+    with stages.stage("prune", f"{settings.method} at {target_sparsity(settings):.0%}") as report:
         selected = selected_names(model.weights, settings)
         histogram = magnitude_histogram(model.weights, selected, None)
         trap = torch_prune_bytes(model, selected)
@@ -360,7 +368,7 @@ def _keep_smallest(outputs: list[OutputSize], staging: Path, out_dir: Path, forc
 def _settings_dict(settings: PruneSettings, zstd_level: int, drop_extras: bool) -> dict:
     return {
         "method": settings.method,
-        "sparsity": settings.sparsity,
+        "sparsity": target_sparsity(settings),
         "nm": f"{settings.nm[0]}:{settings.nm[1]}",
         "norm": settings.norm,
         "seed": settings.seed,
@@ -391,16 +399,32 @@ def prune_file(
     input_path = Path(input_path)
     limits = limits or default_limits()
     out = Path(out_dir) if out_dir is not None else default_out_dir(input_path)
+    check_settings(settings, formats, zstd_level)
     if out.resolve() == input_path.resolve() or (out.exists() and not out.is_dir()):
         raise SettingsError(f"Output directory {out} is not a directory; choose another with --out.")
+    if (out / "report.json").resolve() == input_path.resolve():
+        raise SettingsError(f"The report would overwrite the input {input_path}; choose another --out.")
     if not force and (out / "report.json").exists():
         raise OutputExistsError(f"{out / 'report.json'} already exists; pass --force to overwrite it, or pick --out.")
-    stages = _Stages(progress)
-    with stages.stage("load", input_path.name):
-        model = (loader or _load_isolated)(input_path, limits)
-    out.mkdir(parents=True, exist_ok=True)
-    report = prune_model(model, settings, out, formats, zstd_level, drop_extras, force, limits, stages, inplace=True)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # before the load: an unwritable --out fails at once
+        stages = _Stages(progress)
+        with stages.stage("load", input_path.name):
+            model = (loader or _load_isolated)(input_path, limits)
+        report = prune_model(model, settings, out, formats, zstd_level, drop_extras, force, limits, stages, True)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return report, out
+
+
+def check_settings(settings: PruneSettings, formats: Sequence[str], zstd_level: int) -> None:
+    """Every setting checked before any work, so a typo never costs the user a long load."""
+    validate_settings(settings)
+    resolve_device(settings.device)
+    fmt.check_formats(formats, zstd_level)
 
 
 def sweep(

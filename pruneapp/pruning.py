@@ -512,7 +512,8 @@ def _output(target: _Target, work: torch.Tensor, inplace: bool) -> torch.Tensor:
     return work.cpu()
 
 
-def _target_sparsity(settings: PruneSettings) -> float:
+def target_sparsity(settings: PruneSettings) -> float:
+    """The sparsity asked for: n:m's pattern implies it (2:4 is 0.5), whatever ``settings.sparsity`` says."""
     return 1 - settings.nm[0] / settings.nm[1] if settings.method == "n:m" else float(settings.sparsity)
 
 
@@ -580,4 +581,4 @@ def _result(
     counted = [s for s in stats if s.pruned and s.tied_to is None]
     total = sum(s.numel for s in counted)
     achieved = sum(s.zeros_after for s in counted) / total if total else 0.0
-    return PruneResult(out_weights, stats, _target_sparsity(settings), achieved, threshold, warnings)
+    return PruneResult(out_weights, stats, target_sparsity(settings), achieved, threshold, warnings)

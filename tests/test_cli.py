@@ -148,3 +148,43 @@ def test_auto_keeps_only_the_smallest_output(
     assert (tmp_path / "o" / kept["path"]).stat().st_size == kept["bytes"]
     everything = json.loads(run(capsys, "prune", mlp_file, "--out", tmp_path / "all", "--json")[1])
     assert kept["bytes"] == min(o["bytes"] for o in everything["outputs"])
+
+
+def test_settings_are_checked_before_the_output_folder_is_made(
+    tmp_path: Path, mlp_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for args in (["--zstd-level", "99"], ["--method", "n:m", "--nm", "3:2"], ["--sparsity", "1.0"]):
+        code, _, err = run(capsys, "prune", mlp_file, "--out", tmp_path / "o", *args)
+        assert code == 2 and err.strip().splitlines()[-1].startswith("error: ")
+        assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_is_an_error_line_not_a_traceback(
+    tmp_path: Path, mlp_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "prune", mlp_file, "--out", blocker / "sub")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: ")
+    for target in (tmp_path, tmp_path / "missing" / "x.pt"):
+        code, _, err = run(capsys, "unpack", mlp_file, "-o", target, "--force")
+        assert code == 2 and err.strip().splitlines()[-1].startswith("error: ")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_input_named_report_json_is_never_overwritten(
+    tmp_path: Path, mlp_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    victim = tmp_path / "report.json"
+    victim.write_bytes(mlp_file.read_bytes())
+    code, _, err = run(capsys, "prune", victim, "--out", tmp_path, "--force", "--formats", "dense")
+    assert code == 2 and "input" in err.strip().splitlines()[-1]
+    assert victim.read_bytes() == mlp_file.read_bytes()
+
+
+def test_nm_report_records_the_sparsity_its_pattern_implies(
+    tmp_path: Path, mlp_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "prune", mlp_file, "--method", "n:m", "--sparsity", "0.9", "--out", tmp_path, "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["sparsity"] == 0.5 and "n:m at 50%" in err
