@@ -45,10 +45,15 @@ def _expected_shapes() -> dict[str, tuple[int, ...]]:
 
 def is_demo_weights(weights: dict[str, torch.Tensor]) -> bool:
     """True when ``weights`` has exactly DigitsCNN's keys and shapes (so the app can run it)."""
-    expected = _expected_shapes()
-    if set(weights) != set(expected):
+    if not all(isinstance(t, torch.Tensor) for t in weights.values()):
         return False
-    return all(isinstance(t, torch.Tensor) and tuple(t.shape) == expected[k] for k, t in weights.items())
+    return has_demo_shapes({k: tuple(t.shape) for k, t in weights.items()})
+
+
+def has_demo_shapes(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """True when the tensor names and shapes (from a report, say) are DigitsCNN's: no need to load the file."""
+    expected = _expected_shapes()
+    return set(shapes) == set(expected) and all(tuple(shapes[k]) == expected[k] for k in expected)
 
 
 def load_demo_weights(path: Path = DEMO_MODEL_PATH) -> dict[str, torch.Tensor]:

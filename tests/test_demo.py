@@ -100,3 +100,12 @@ def test_accuracy_curve_falls_at_extreme_sparsity(weights: dict[str, torch.Tenso
     curve = demo.accuracy_curve(weights, [0.5, 0.999], PruneSettings(method="global-l1"))
     assert [s for s, _ in curve] == [0.5, 0.999]
     assert curve[0][1] >= 0.9 > curve[1][1]
+
+
+def test_demo_shapes_are_recognised_from_names_and_shapes_alone() -> None:
+    weights = demo.load_demo_weights()
+    shapes = {k: tuple(t.shape) for k, t in weights.items()}
+    assert demo.has_demo_shapes(shapes)
+    first = next(iter(shapes))
+    assert not demo.has_demo_shapes({**shapes, first: (1, *shapes[first])})
+    assert not demo.has_demo_shapes({k: v for k, v in shapes.items() if k != first})
