@@ -371,7 +371,7 @@ def _from_object(obj: Any, path: Path, kind: str, size: int) -> LoadedModel:
         return LoadedModel(path, kind, "pickled-module", weights, notes=[PICKLED_NOTE], file_bytes=size)
     if not isinstance(obj, dict):
         raise UnsupportedFileError(_not_a_state_dict(path.name, obj))
-    if _is_tensor_tree(obj):
+    if _is_tensor_tree(obj) and _weights_key(obj) is None:
         weights: dict[str, torch.Tensor] = {}
         skeleton = _skeleton(obj, "", weights)
         return LoadedModel(path, kind, "state_dict", _tie(weights), file_bytes=size, skeleton=skeleton)
@@ -415,7 +415,11 @@ def _weights_key(obj: dict[Any, Any]) -> str | None:
 
 
 def _checkpoint(obj: dict[Any, Any], path: Path, kind: str, size: int) -> LoadedModel:
-    """A dict with weights under one known key (or tensors among other entries at its top level)."""
+    """A dict with weights under one known key (or tensors among other entries at its top level).
+
+    A known key holding a state_dict makes a checkpoint even as the only entry: ``{"model": sd}`` is what a
+    checkpoint's dense output holds once its unloadable entries are left out, and it must read back as ``sd``'s keys.
+    """
     key = _weights_key(obj)
     model = LoadedModel(path, kind, "checkpoint", {}, file_bytes=size, weights_key=key)
     weights: dict[str, torch.Tensor] = {}

@@ -28,8 +28,11 @@ from pruneapp.errors import (
     UnsafeFileError,
     UnsupportedFileError,
 )
+from pruneapp.formats import read_weights
 from pruneapp.limits import Limits
 from pruneapp.loading import LoadedModel, detect_kind, load_model, tensor_bytes
+from pruneapp.pipeline import prune_file
+from pruneapp.pruning import PruneSettings
 
 
 def touch(path: str) -> None:
@@ -219,6 +222,39 @@ def test_objects_that_need_code_are_left_out_of_checkpoints(tmp_path: Path, mlp:
     assert any("'args'" in n and "argparse.Namespace" in n for n in model.notes)
     assert any("'rng'" in n for n in model.notes)
     assert list(roundtrip(model, tmp_path)) == ["model", "epoch"]
+
+
+@pytest.mark.parametrize("key", ["model", "state_dict", "model_state_dict"])
+def test_a_lone_weights_entry_is_a_checkpoint(tmp_path: Path, mlp: nn.Module, key: str) -> None:
+    model = load_model(save({key: mlp.state_dict()}, tmp_path / "c.pt"))
+    assert (model.structure, model.weights_key, model.extras) == ("checkpoint", key, {})
+    assert_same(model.weights, mlp.state_dict())
+    assert_same_tree(roundtrip(model, tmp_path), {key: mlp.state_dict()})
+    assert_same_tree(roundtrip(model, tmp_path, drop_extras=True), mlp.state_dict())
+
+
+def test_a_weights_entry_beside_other_state_dicts_is_the_checkpoint(tmp_path: Path, mlp: nn.Module) -> None:
+    obj = {"ema": mlp.state_dict(), "model": mlp.state_dict()}
+    model = load_model(save(obj, tmp_path / "c.pt"))
+    assert (model.structure, model.weights_key, list(model.extras)) == ("checkpoint", "model", ["ema"])
+    assert list(model.weights) == list(mlp.state_dict())
+    assert_same_tree(roundtrip(model, tmp_path), obj)
+
+
+UNLOADABLE = {"namespace": argparse.Namespace(lr=1), "numpy": np.arange(3), "path": Path("runs/exp1")}
+
+
+@pytest.mark.parametrize("extra", [*UNLOADABLE, None], ids=[*UNLOADABLE, "lone-model"])
+def test_checkpoints_that_shrink_to_their_weights_prune_and_read_back(
+    tmp_path: Path, mlp: nn.Module, extra: str | None
+) -> None:
+    obj = {"model": mlp.state_dict(), **({"args": UNLOADABLE[extra]} if extra else {})}
+    report, out = prune_file(save(obj, tmp_path / "ckpt.pt"), PruneSettings(sparsity=0.5), out_dir=tmp_path / "o")
+    assert report.input.structure == "checkpoint"
+    assert any("'args'" in n for n in report.input.notes) == (extra is not None)
+    for output in report.outputs:
+        assert list(read_weights(out / output.path)) == list(mlp.state_dict()), output.path
+    assert list(torch.load(out / "ckpt.pruned.pt", weights_only=True)) == ["model"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
