@@ -432,8 +432,8 @@ def check_tensor(t: torch.Tensor, limits: Limits, meta: bool = False) -> None:
     """A plain dense tensor on the expected device whose view stays inside its storage."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.is_quantized:
         raise UnsupportedFileError(
-            f"the file holds a {type(t).__name__} with layout {t.layout}; pruneapp reads plain dense tensors. "
-            "If it is a pruneapp CSR output, unpack it first: python -m pruneapp unpack FILE -o OUT.pt"
+            f"the file holds a {type(t).__name__} with layout {t.layout}; pruneapp reads plain dense tensors "
+            "(sparse ones only from its own CSR files). Save dense ones instead: t.to_dense()"
         )
     if t.device.type != ("meta" if meta else "cpu"):
         raise UnsupportedFileError(f"the file holds a tensor on device {t.device}; re-save it after .cpu().")

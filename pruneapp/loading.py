@@ -7,12 +7,13 @@ inert stand-ins and never imported. Every failure leaves load_model as a PruneAp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import tempfile
 import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ WEIGHT_KEYS = (
 )
 PICKLED_NOTE = "Loaded the weights of a full pickled model without running its code; outputs are a state_dict."
 SCRIPT_NOTE = "Loaded the weights of a TorchScript archive without running its code; outputs are a state_dict."
+CSR_NOTE = "pruneapp CSR file: loaded densified."
 
 ZIP_MAGIC = b"PK\x03\x04"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -243,6 +245,8 @@ def _load_zip(path: Path, size: int, limits: Limits) -> LoadedModel:
         layout = checks.check_zip(zf, size, limits, path.name)
         if layout.torchscript:
             return _load_script(path, size, zf, layout, limits)
+        if _is_csr(path):
+            return _load_csr(path, size, zf, layout, limits)
         pkl = zf.read(layout.pickle_name)
         dry = _dry_run(pkl, limits)
         checks.check_storage_records(dry.refs.values(), layout, path.name)
@@ -273,6 +277,68 @@ def _zip_storages(zf: zipfile.ZipFile, layout: checks.ZipLayout, name: str) -> u
             "torch.save(model.state_dict(), 'model.pt')."
         )
     return unpickling.ZipStorages(zf, layout.prefix)
+
+
+def _is_csr(path: Path) -> bool:
+    from pruneapp.formats import _is_csr_zip  # formats imports this module
+
+    return _is_csr_zip(path)
+
+
+def _load_csr(path: Path, size: int, zf: zipfile.ZipFile, layout: checks.ZipLayout, limits: Limits) -> LoadedModel:
+    """pruneapp's own CSR output, densified: checked like any torch zip, then loaded under sparse invariant checks.
+
+    Its extras (optimizer state, epoch, ...) make it a checkpoint again; see _csr_checkpoint for the structure.
+    """
+    from pruneapp.formats import ALIASES_METADATA_KEY, densify_csr
+
+    dry = unpickling.dry_run(zf.read(layout.pickle_name), limits, sparse_csr=True)
+    checks.validate_tree(dry.tree, limits, meta=True)
+    checks.check_storage_records(dry.refs.values(), layout, path.name)
+    if dry.foreign:
+        raise UnsafeFileError(f"{path.name} claims to be a pruneapp CSR file but names objects pruneapp never writes.")
+    checks.verify_crc(zf, layout)
+    try:
+        obj = _torch_load(path, sparse=True)
+    except RuntimeError as e:  # torch's sparse invariant checks
+        raise CorruptFileError(f"{path.name} is not a readable CSR file ({_short(e)}); write it again.") from None
+    weights = _tie(densify_csr(obj, limits, path.name))
+    extras, metadata = obj.get("extras", {}), obj.get("metadata", {})
+    if not isinstance(extras, dict) or not _str_dict(metadata):
+        raise CorruptFileError(f"{path.name}: its CSR extras or metadata are malformed; write the file again.")
+    checks.validate_tree(extras, limits)
+    metadata = {k: v for k, v in metadata.items() if k != ALIASES_METADATA_KEY}  # the weights are re-tied already
+    model = LoadedModel(path, "torch-zip", "state_dict", weights, metadata=metadata, notes=[CSR_NOTE], file_bytes=size)
+    if extras:
+        _csr_checkpoint(model, extras)
+    return model
+
+
+def _str_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items())
+
+
+def _csr_checkpoint(model: LoadedModel, extras: dict[Any, Any]) -> None:
+    """A CSR file of a checkpoint: dense outputs hold the weights under the first free known key, beside the extras.
+
+    The CSR file does not record the input's weights key; the first free one of WEIGHT_KEYS reads back as the
+    weights (every earlier one is an extra that is not a state_dict), so outputs read back with the same keys.
+    """
+    claimed = _weights_key(extras)
+    free = [k for k in WEIGHT_KEYS if k not in extras]
+    if not free or (claimed is not None and WEIGHT_KEYS.index(free[0]) > WEIGHT_KEYS.index(claimed)):
+        names = ", ".join(map(repr, extras))
+        model.notes.append(
+            f"Left out the CSR file's extras ({names}): they leave no checkpoint key free for the weights."
+        )
+        return
+    key = free[0]
+    model.structure, model.weights_key, model.extras = "checkpoint", key, dict(extras)
+    model.skeleton = {key: {k: (_WEIGHT, k) for k in model.weights}, **{k: (_EXTRA, k) for k in extras}}
+    model.extra_bytes = {name: tensor_bytes(value) for name, value in extras.items()}
+    model.notes.append(
+        f"Kept its checkpoint entries ({', '.join(map(repr, extras))}); dense outputs hold the weights under {key!r}."
+    )
 
 
 def _load_legacy(path: Path, size: int, limits: Limits) -> LoadedModel:
@@ -346,19 +412,29 @@ def _dry_run(pkl: bytes, limits: Limits) -> unpickling.DryRun:
     return dry
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, sparse: bool = False) -> Any:
     """torch.load with weights_only=True passed explicitly, and no environment variable allowed to weaken it.
 
     torch 2.13 lets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD override only an unset ``weights_only``, and raises when
     it is set together with TORCH_FORCE_WEIGHTS_ONLY_LOAD; removing it for the call covers both and later torches.
+    ``sparse``: sparse tensors are validated as they load (the switch is process-wide, hence inside the lock).
     """
     with _TORCH_LOAD_LOCK:
         saved = os.environ.pop(_NO_WEIGHTS_ONLY_VAR, None)
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            with _sparse_checks() if sparse else contextlib.nullcontext():
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
         finally:
             if saved is not None:
                 os.environ[_NO_WEIGHTS_ONLY_VAR] = saved
+
+
+@contextlib.contextmanager
+def _sparse_checks() -> Iterator[None]:
+    from pruneapp.formats import _sparse_quiet
+
+    with _sparse_quiet(), torch.sparse.check_sparse_tensor_invariants():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -201,8 +201,8 @@ def _refuse(message: str, error: type[Exception] = UnsupportedFileError) -> Call
 
 
 _REFUSED_REBUILDS = {
-    "_rebuild_sparse_tensor": "holds sparse tensors; if it is a pruneapp CSR output, turn it back into a dense "
-    "state_dict first: python -m pruneapp unpack FILE -o OUT.pt",
+    "_rebuild_sparse_tensor": "holds sparse tensors, which pruneapp reads only from its own CSR files; save dense "
+    "ones instead: {k: t.to_dense() for k, t in state_dict.items()}",
     "_rebuild_qtensor": "holds quantized tensors; prune the float model and quantize afterwards",
     "_rebuild_nested_tensor": "holds nested tensors, which pruneapp does not prune; save plain tensors instead",
     "_rebuild_meta_tensor_no_storage": "holds meta tensors without data; save the materialized weights",
@@ -235,6 +235,16 @@ def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
             f"holds tensors of class {getattr(new_type, 'qualname', new_type)}; save plain tensors instead"
         )
     return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
+
+
+def _csr_parts(layout: Any, data: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dry run of a CSR rebuild: its (crow, col, values) tensors, which the tree checks then bound and count."""
+    if layout is not torch.sparse_csr:
+        raise UnsupportedFileError(_REFUSED_REBUILDS["_rebuild_sparse_tensor"])
+    ok = isinstance(data, tuple) and len(data) == 4 and all(isinstance(t, torch.Tensor) for t in data[:3])
+    if not ok or not _ints(data[3]) or len(data[3]) != 2:
+        raise CorruptFileError("a sparse CSR tensor in the file is malformed; it is damaged.")
+    return data[0], data[1], data[2]
 
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
@@ -288,14 +298,19 @@ def _ints(values: Any) -> bool:
     return isinstance(values, tuple | list | torch.Size) and all(type(v) is int and v >= 0 for v in values)
 
 
-def _globals(limits: Limits) -> dict[str, Any]:
-    """torch's weights-only allowlist, with tensor rebuilds counted and unusual tensor kinds refused clearly."""
+def _globals(limits: Limits, sparse_csr: bool = False) -> dict[str, Any]:
+    """torch's weights-only allowlist, with tensor rebuilds counted and unusual tensor kinds refused clearly.
+
+    ``sparse_csr`` (the dry run of a pruneapp CSR file only): a CSR tensor becomes the tuple of its parts.
+    """
     counter = _Counter(limits.max_tensors)
     table = dict(_get_allowed_globals())
     for name in _TENSOR_REBUILDS:
         table[f"torch._utils.{name}"] = counter.wrap(getattr(torch._utils, name))
     for name, message in _REFUSED_REBUILDS.items():
         table[f"torch._utils.{name}"] = _refuse(message)
+    if sparse_csr:
+        table["torch._utils._rebuild_sparse_tensor"] = _csr_parts
     table["torch._tensor._rebuild_from_type_v2"] = _rebuild_from_type
     table["builtins.bytearray"] = _safe_bytearray
     table.update({f"builtins.{name}": getattr(builtins, name) for name in _SAFE_BUILTINS})
@@ -317,10 +332,10 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its memo i
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file: BinaryIO, storages: Storages, limits: Limits) -> None:
+    def __init__(self, file: BinaryIO, storages: Storages, limits: Limits, sparse_csr: bool = False) -> None:
         super().__init__(file, encoding="utf-8")
         self.storages = storages
-        self._table = _globals(limits)
+        self._table = _globals(limits, sparse_csr)
         self._callable = {id(v) for v in self._table.values() if callable(v) and not isinstance(v, type)}
         self._callable |= {id(v) for v in _CALL_OK}
         self._standins: dict[str, type[StandIn]] = {}
@@ -482,10 +497,13 @@ class DryRun:
     foreign: bool  # torch.load cannot read it (a name outside its allowlist, protocol != 2): use SafeUnpickler
 
 
-def dry_run(data: bytes | BinaryIO, limits: Limits) -> DryRun:
-    """Unpickle with meta storages: no tensor data is read or allocated, every declaration is recorded."""
+def dry_run(data: bytes | BinaryIO, limits: Limits, sparse_csr: bool = False) -> DryRun:
+    """Unpickle with meta storages: no tensor data is read or allocated, every declaration is recorded.
+
+    ``sparse_csr``: sparse CSR tensors are accepted, as the tuples of their parts (pruneapp's own CSR files).
+    """
     storages = Storages()
-    unpickler = SafeUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, storages, limits)
+    unpickler = SafeUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, storages, limits, sparse_csr)
     tree = unpickler.load()
     # torch's weights-only unpickler speaks protocol 2 only (torch.save's default)
     return DryRun(tree, storages.refs, unpickler.foreign or unpickler.proto != 2)

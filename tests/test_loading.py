@@ -20,7 +20,7 @@ import torch
 import zstandard
 from torch import nn
 
-from pruneapp import loading
+from pruneapp import formats, loading
 from pruneapp.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -31,7 +31,7 @@ from pruneapp.errors import (
 from pruneapp.formats import read_weights
 from pruneapp.limits import Limits
 from pruneapp.loading import LoadedModel, detect_kind, load_model, tensor_bytes
-from pruneapp.pipeline import prune_file
+from pruneapp.pipeline import inspect_file, prune_file
 from pruneapp.pruning import PruneSettings
 
 
@@ -403,6 +403,114 @@ def test_packed_files_load_as_state_dicts(tmp_path: Path, mlp: nn.Module) -> Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# pruneapp's own CSR outputs: accepted, densified under sparse invariant checks
+
+
+def csr_file(tmp_path: Path, weights: dict[str, torch.Tensor], extras: dict | None = None) -> Path:
+    path = tmp_path / "m.csr.pt"
+    formats.write_csr(weights, set(weights), path, extras)
+    return path
+
+
+def test_csr_output_loads_densified_with_ties(tmp_path: Path, tied: nn.Module) -> None:
+    weights = {k: t * (t.abs() > 0.5) for k, t in tied.state_dict().items()}  # mostly zeros: stored as CSR
+    weights["lm_head.weight"] = weights["embed.weight"]
+    path = csr_file(tmp_path, weights)
+    model = load_model(path)
+    assert (model.kind, model.structure, model.extras) == ("torch-zip", "state_dict", {})
+    assert model.notes == [loading.CSR_NOTE]
+    assert_same(model.weights, weights)
+    assert model.weights["lm_head.weight"] is model.weights["embed.weight"]
+    assert_same(roundtrip(model, tmp_path), weights)
+
+
+def test_csr_output_of_a_checkpoint_keeps_its_extras(tmp_path: Path, checkpoint_file: Path) -> None:
+    saved = torch.load(checkpoint_file, weights_only=True)
+    weights = saved["model_state_dict"]
+    extras = {"optimizer": saved["optimizer"], "epoch": 3}
+    model = load_model(csr_file(tmp_path, weights, extras))
+    assert (model.structure, model.weights_key, list(model.extras)) == (
+        "checkpoint",
+        "state_dict",
+        ["optimizer", "epoch"],
+    )
+    assert model.extra_bytes["optimizer"] == tensor_bytes(saved["optimizer"])
+    assert_same(model.weights, dict(weights))
+    assert_same_tree(roundtrip(model, tmp_path), {"state_dict": dict(weights), **extras})
+    assert_same(roundtrip(model, tmp_path, drop_extras=True), dict(weights))
+
+
+def test_csr_extras_that_take_the_weights_key_move_it(tmp_path: Path, mlp: nn.Module) -> None:
+    model = load_model(csr_file(tmp_path, mlp.state_dict(), {"state_dict": "v2", "ema": mlp.state_dict()}))
+    assert model.weights_key == "model_state_dict"
+    rebuilt = roundtrip(model, tmp_path)
+    assert list(rebuilt) == ["model_state_dict", "state_dict", "ema"]
+    assert list(load_model(save(rebuilt, tmp_path / "again.pt")).weights) == list(mlp.state_dict())
+
+
+def test_csr_extras_that_would_read_back_as_the_weights_are_left_out(tmp_path: Path, mlp: nn.Module) -> None:
+    model = load_model(csr_file(tmp_path, mlp.state_dict(), {"state_dict": {"w": torch.ones(2)}}))
+    assert (model.structure, model.extras) == ("state_dict", {})
+    assert "Left out the CSR file's extras ('state_dict')" in model.notes[-1]
+    assert_same(roundtrip(model, tmp_path), mlp.state_dict())
+
+
+def test_csr_output_through_zstd(tmp_path: Path, mlp: nn.Module) -> None:
+    path = tmp_path / "m.csr.pt.zst"
+    formats.compress_file(csr_file(tmp_path, mlp.state_dict()), path)
+    model = load_model(path)
+    assert (model.kind, model.structure, model.path) == ("zstd", "state_dict", path)
+    assert model.notes[1:] == [loading.CSR_NOTE]
+    assert_same(model.weights, mlp.state_dict())
+
+
+def test_csr_file_with_invalid_indices_is_refused(tmp_path: Path) -> None:
+    crow, col = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 1_000_000], dtype=torch.int32)
+    with warnings.catch_warnings():  # torch's one-time "sparse CSR is in beta" notice
+        warnings.simplefilter("ignore", UserWarning)
+        bad = torch.sparse_csr_tensor(crow, col, torch.ones(2), (2, 4), check_invariants=False)
+    path = save(csr_dict({"w": bad}, {"w": [2, 4]}), tmp_path / "bad.csr.pt")
+    with pytest.raises(CorruptFileError, match="bad.csr.pt is not a readable CSR file.*col_indices"):
+        load_model(path)
+
+
+def csr_dict(tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]], extras: object = None) -> dict:
+    header = {"format": formats.CSR_FORMAT, "version": formats.CSR_VERSION}
+    return {**header, "tensors": tensors, "shapes": shapes, "aliases": {}, "extras": extras or {}, "metadata": {}}
+
+
+@pytest.mark.parametrize(
+    "tensors, extras, error, match",
+    [
+        ({"w": torch.eye(2).to_sparse()}, None, UnsupportedFileError, "sparse"),
+        ({"w": torch.eye(2)}, {"args": argparse.Namespace(lr=1)}, UnsafeFileError, "never writes"),
+        ({"w": torch.eye(2)}, [1, 2], CorruptFileError, "extras or metadata are malformed"),
+    ],
+    ids=["coo-tensor", "code-in-extras", "extras-not-a-dict"],
+)
+def test_crafted_csr_files_are_refused(
+    tmp_path: Path, tensors: dict, extras: object, error: type[Exception], match: str
+) -> None:
+    path = save(csr_dict(tensors, {"w": [2, 2]}, extras), tmp_path / "x.csr.pt")
+    with pytest.raises(error, match=match):
+        load_model(path)
+
+
+def test_csr_outputs_prune_again_and_inspect(tmp_path: Path, checkpoint_file: Path) -> None:
+    keys = list(torch.load(checkpoint_file, weights_only=True)["model_state_dict"])
+    first, out = prune_file(checkpoint_file, PruneSettings(sparsity=0.5), tmp_path / "o", formats=["csr", "csr.zst"])
+    for output in first.outputs:
+        path = out / output.path
+        info = inspect_file(path)
+        assert (info.structure, info.notes[-2]) == ("checkpoint", loading.CSR_NOTE)
+        assert set(info.extra_bytes) == {"optimizer", "epoch"}
+        report, again = prune_file(path, PruneSettings(sparsity=0.8), tmp_path / f"again-{output.format}")
+        assert report.sparsity_achieved > first.sparsity_achieved
+        for o in report.outputs:
+            assert list(read_weights(again / o.path)) == keys, o.path
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Payloads never run
 
 
@@ -528,7 +636,7 @@ def test_damaged_pickles_give_one_line_errors(tmp_path: Path, checkpoint_file: P
 
 def test_sparse_tensors_are_refused_with_the_fix(tmp_path: Path) -> None:
     path = save({"w": torch.eye(4).to_sparse()}, tmp_path / "s.pt")
-    with pytest.raises(UnsupportedFileError, match="sparse.*pruneapp unpack"):
+    with pytest.raises(UnsupportedFileError, match=r"sparse tensors, .* own CSR files; .*t\.to_dense\(\)"):
         load_model(path)
 
 
