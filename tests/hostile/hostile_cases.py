@@ -225,7 +225,7 @@ TORCH_FILE_CASES = [
     Case("view with a negative stride", _view((4,), (-1,), offset=3), CorruptFileError, "stride"),
     Case("shape whose element count overflows int64", _view((2**40, 2**40), (0, 0)), CorruptFileError, "overflow"),
     Case("sparse COO tensor with out-of-range indices", craft.sparse_coo_file, UnsupportedFileError, "sparse"),
-    Case("pruneapp CSR file with out-of-range indices", craft.sparse_csr_output, UnsupportedFileError, "sparse"),
+    Case("pruneapp CSR file with out-of-range indices", craft.sparse_csr_output, CorruptFileError, "col_indices"),
 ]
 
 
