@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pruneapp import formats as fmt
-from pruneapp import isolation, loading
+from pruneapp import isolation, loading, packed
 from pruneapp.errors import OutputExistsError, PruneAppError, SettingsError
 from pruneapp.limits import Limits, default_limits
 from pruneapp.loading import LoadedModel
@@ -110,8 +110,12 @@ def default_out_dir(input_path: Path) -> Path:
 
 
 def output_stem(input_path: Path) -> str:
-    """``model.pt`` -> ``model``; ``model.v2.safetensors`` -> ``model.v2``."""
-    return input_path.stem or input_path.name
+    """``model.pt`` -> ``model``; ``model.v2.safetensors`` -> ``model.v2``; ``model.csr.pt.zst`` -> ``model``."""
+    name = input_path.name.removesuffix(".zst")
+    for suffix in (".pruned.pt", ".pruned.safetensors", ".csr.pt", packed.EXTENSION):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem or name
 
 
 class _Stages:

@@ -12,7 +12,15 @@ from pruneapp import formats
 from pruneapp.errors import LimitExceededError, OutputExistsError, SettingsError
 from pruneapp.limits import Limits
 from pruneapp.loading import load_model
-from pruneapp.pipeline import inspect_file, magnitude_histogram, prune_file, saved_size, sweep, torch_prune_bytes
+from pruneapp.pipeline import (
+    inspect_file,
+    magnitude_histogram,
+    output_stem,
+    prune_file,
+    saved_size,
+    sweep,
+    torch_prune_bytes,
+)
 from pruneapp.pruning import PruneSettings
 from pruneapp.report import Report
 
@@ -141,3 +149,25 @@ def test_dense_output_has_no_trace_of_its_temporary_name(tmp_path: Path, mlp_fil
     names = zipfile.ZipFile(out / "mlp.pruned.pt").namelist()
     assert all(n.startswith("mlp.pruned/") for n in names)
     assert report.outputs[0].bytes == saved_size(torch.load(out / "mlp.pruned.pt", weights_only=True), "mlp.pruned")
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("model.pt", "model"),
+        ("model.v2.safetensors", "model.v2"),
+        ("model.csr.pt.zst", "model"),
+        ("model.pruned.pt", "model"),
+        ("model.pruneapp", "model"),
+        (".csr.pt", ".csr"),
+    ],
+)
+def test_outputs_of_our_own_outputs_are_named_after_the_model(name: str, stem: str) -> None:
+    assert output_stem(Path(name)) == stem
+
+
+def test_a_csr_output_can_be_pruned_again_and_keeps_its_weights(tmp_path: Path, mlp_file: Path) -> None:
+    _, first = prune_file(mlp_file, PruneSettings(sparsity=0.5), out_dir=tmp_path / "a", formats=["csr.zst"])
+    report, second = prune_file(first / "mlp.csr.pt.zst", PruneSettings(sparsity=0.8), out_dir=tmp_path / "b")
+    assert {o.path for o in report.outputs} >= {"mlp.pruned.pt", "mlp.csr.pt"}
+    assert report.sparsity_achieved == pytest.approx(0.8, abs=0.01)
