@@ -9,10 +9,12 @@ docs/packed-format.md; reading treats the file as untrusted input.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,10 +56,16 @@ _OPTIMAL_LEVEL = 16  # zstd levels from here on use optimal parsing, which picks
 _MT_BYTES = 8 << 20  # streams this large also use zstd's own worker threads
 _MAX_WINDOW = 1 << 27  # largest zstd window a level <= 22 frame needs
 _MAX_DIMS = 64
-_CHUNK = 1 << 16  # elements per decode step: its temporaries stay in cache
+_CHUNK = 1 << 18  # elements per decode step (a multiple of 8): its temporaries stay in cache
 _WORKERS = os.cpu_count() or 1
-_INLINE_BYTES = 1 << 20  # tensors smaller than this decode on the calling thread
-_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
+_PARALLEL_BYTES = 1 << 22  # tensors with this many decoded stream bytes decode on worker threads; less costs more
+# to hand over than it gains
+_BATCH_BYTES = 1 << 22  # stored bytes of consecutive tensors read with one call, at most (or one tensor's)
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
+_EMPTY = np.empty(0, np.uint8)
+_BYTE_VALUES = frozenset(range(256))
+_SHIFT_BYTES = 1 << 14  # interleaving this many bytes or more: shifts beat strided copies
+_local = threading.local()  # per-thread zstd decompressor
 _ENCODINGS = {"dense", "mask", "gaps", "alias"}
 _CODECS = {"raw", "zstd"}
 
@@ -70,6 +78,7 @@ _DTYPES: dict[str, torch.dtype] = {
         torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
     )
 }  # fmt: skip
+_ITEMSIZE = {dt: torch.empty(0, dtype=dt).element_size() for dt in _DTYPES.values()}
 
 
 @dataclass
@@ -135,14 +144,19 @@ def _pack_symbols(data: np.ndarray, hist: np.ndarray) -> tuple[list[int], np.nda
     return symbols, codes
 
 
-def _unpack_symbols(codes: np.ndarray, symbols: list[int], size: int) -> np.ndarray:
+@functools.lru_cache(maxsize=4096)
+def _symbol_table(symbols: tuple[int, ...]) -> np.ndarray:
+    """Item c: the m bytes that code c stands for, as one item (every code < 256 decodes to stored symbols)."""
     s = len(symbols)
-    if s == 1:
-        return np.full(size, symbols[0], np.uint8)
     m = _per_byte(s)
-    digits = (np.arange(256)[:, None] // s ** np.arange(m)[None, :]) % s  # (256, m); rows >= s**m are never written
-    table = np.asarray(symbols, np.uint8)[digits]
-    return table[codes].reshape(-1)[:size]
+    digits = (np.arange(256)[:, None] // s ** np.arange(m)[None, :]) % s  # (256, m), first index in the lowest digit
+    return items(np.ascontiguousarray(np.asarray(symbols, np.uint8)[digits]))
+
+
+def _unpack_symbols(codes: np.ndarray, symbols: list[int], size: int) -> np.ndarray:
+    if len(symbols) == 1:
+        return np.full(size, symbols[0], np.uint8)
+    return np.take(_symbol_table(tuple(symbols)), codes).view(np.uint8)[:size]
 
 
 def _packed_size(size: int, symbols: list[int] | None) -> int:
@@ -391,17 +405,15 @@ def _parse_header(text: bytes, path: Path) -> list:
     return header["tensors"]
 
 
-def _decompress(payload: bytes, size: int, path: Path, what: str) -> bytes:
+def _decompress(payload: bytes | np.ndarray, size: int, path: Path, what: str) -> bytes:
     """Decompress one zstd frame that must hold exactly ``size`` bytes (never allocating more)."""
     try:
         declared = zstandard.frame_content_size(payload)
         if declared not in (-1, size):
             raise _corrupt(path, f"{what} declares {declared} bytes, expected {size}")
-        out = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).decompress(
-            payload, max_output_size=size, allow_extra_data=False
-        )
+        out = _dctx().decompress(payload, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:
-        raise _corrupt(path, f"{what}: {e}") from None
+        raise _corrupt(path, f"{what} does not decode to the expected {size} bytes: {e}") from None
     if len(out) != size:
         raise _corrupt(path, f"{what} holds {len(out)} bytes, expected {size}")
     return out
@@ -512,15 +524,15 @@ def _one_of(x: object, options: Collection[str]) -> bool:
 
 
 def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return type(x) is int and x >= 0  # JSON gives int or bool; bool is not a count
 
 
 def _valid_symbols(symbols: object) -> bool:
     return (
-        isinstance(symbols, list)
+        type(symbols) is list
         and 1 <= len(symbols) <= 16
-        and all(_is_count(v) and v < 256 for v in symbols)
-        and len(set(symbols)) == len(symbols)
+        and all(type(v) is int for v in symbols)
+        and len(_BYTE_VALUES.intersection(symbols)) == len(symbols)
     )
 
 
@@ -533,83 +545,108 @@ def _stream_sizes(e: _Entry, n: int) -> list[int]:
     return positions + [e.kept] * itemsize
 
 
-def _decompress_into(payload: bytes, out: np.ndarray, path: Path, what: str) -> None:
-    """Decompress one zstd frame into ``out``, which it must fill exactly (never allocating more)."""
-    try:
-        declared = zstandard.frame_content_size(payload)
-        if declared not in (-1, out.size):
-            raise _corrupt(path, f"{what} declares {declared} bytes, expected {out.size}")
-        reader = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).stream_reader(payload)
-        view, got = memoryview(out), 0
-        while got < out.size and (step := reader.readinto(view[got:])):
-            got += step
-        extra = reader.readinto(bytearray(1))
-    except zstandard.ZstdError as e:
-        raise _corrupt(path, f"{what}: {e}") from None
-    if got != out.size or extra:
-        raise _corrupt(path, f"{what} does not hold the expected {out.size} bytes")
+def _dctx() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor: making one costs more than decompressing a small stream."""
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+    return dctx
 
 
-def _fill(payload: bytes | None, spec: _Spec, out: np.ndarray, path: Path, what: str) -> int:
-    """Decode one stream into ``out`` (spec.size bytes; raw unpacked streams were read into it already) and
-    return the CRC-32 of the decoded bytes."""
-    if payload is not None:
-        target = out if spec.symbols is None else np.empty(_packed_size(spec.size, spec.symbols), np.uint8)
-        if spec.codec == "raw":
-            target[:] = np.frombuffer(payload, np.uint8)
-        else:
-            _decompress_into(payload, target, path, what)
-        if spec.symbols is not None:
-            out[:] = _unpack_symbols(target, spec.symbols, spec.size)
-    return zlib.crc32(out)
+def _stream(payload: np.ndarray, spec: _Spec, path: Path, what: str) -> np.ndarray:
+    """One stream's decoded bytes (spec.size of them); a raw stream's are its payload, uncopied."""
+    if spec.codec == "zstd":
+        payload = np.frombuffer(_decompress(payload, _packed_size(spec.size, spec.symbols), path, what), np.uint8)
+    if spec.symbols is not None:
+        payload = _unpack_symbols(payload, spec.symbols, spec.size)
+    return payload
 
 
-def _read_streams(f: BinaryIO, e: _Entry, path: Path, executor: ThreadPoolExecutor) -> list[np.ndarray]:
-    """All streams of one tensor, decoded, decompressing on worker threads."""
-    outs = [np.empty(s.size, np.uint8) for s in e.streams]
-    payloads: list[bytes | None] = []
-    for spec, out in zip(e.streams, outs, strict=True):
-        f.seek(spec.offset)
-        direct = spec.codec == "raw" and spec.symbols is None
-        got = f.readinto(memoryview(out)) if direct else len(payload := f.read(spec.length))
-        if got != spec.length:
-            raise _corrupt(path, f"a stream of tensor {e.name!r} is truncated")
-        payloads.append(None if direct else payload)
-    what = f"a stream of tensor {e.name!r}"
-    jobs = zip(payloads, e.streams, outs, strict=True)
-    crcs = list(_mapper(executor, e)(lambda job: _fill(*job, path, what), jobs))
-    if _combined_crc(crcs) != e.crc32:
-        raise _corrupt(path, f"tensor {e.name!r} fails its checksum")
-    return outs
+def _extent(streams: tuple[_Spec, ...]) -> tuple[int, int, int]:
+    """First and end byte of the streams that hold bytes, and how many bytes they hold."""
+    parts = [(s.offset, s.offset + s.length) for s in streams if s.length]
+    if not parts:
+        return 0, 0, 0
+    return min(a for a, _ in parts), max(b for _, b in parts), sum(b - a for a, b in parts)
 
 
-def _mapper(executor: ThreadPoolExecutor, e: _Entry) -> Callable:
-    """The executor's map for big tensors; the plain map for small ones, where handing work over costs more."""
-    return executor.map if math.prod(e.shape) * _itemsize(e.dtype) >= _INLINE_BYTES else map
+def _groups(stored: list[_Entry]) -> Iterator[tuple[list[_Entry], int, int, int]]:
+    """Runs of tensors whose streams fill one byte range without gaps (as the writer lays them out), up to
+    _BATCH_BYTES or one tensor: each is read with one call. Yields (tensors, first byte, end byte, bytes used)."""
+    group: list[_Entry] = []
+    lo = hi = used = 0
+    for e in stored:
+        a, b, u = _extent(e.streams)
+        joined = (min(lo, a), max(hi, b), used + u) if used and u else (lo, hi, used) if used else (a, b, u)
+        if group and (joined[1] - joined[0] != joined[2] or joined[2] > _BATCH_BYTES):
+            yield group, lo, hi, used
+            group, joined = [], (a, b, u)
+        group.append(e)
+        lo, hi, used = joined
+    if group:
+        yield group, lo, hi, used
 
 
-def _rows(byte_planes: list[np.ndarray], start: int, stop: int) -> np.ndarray:
-    """Elements start..stop interleaved from their byte planes, one item each."""
-    rows = np.empty((stop - start, len(byte_planes)), np.uint8)
+def _read_at(f: BinaryIO, path: Path, offset: int, length: int, name: str) -> np.ndarray:
+    out = np.empty(length, np.uint8)
+    f.seek(offset)
+    if f.readinto(memoryview(out)) != length:
+        raise _corrupt(path, f"the streams of tensor {name!r} are truncated")
+    return out
+
+
+def _payloads(f: BinaryIO, path: Path, group: list[_Entry], lo: int, hi: int, used: int) -> list[list[np.ndarray]]:
+    """Each tensor's stored stream bytes: views of one read when they fill lo..hi, else one read per stream."""
+    if hi - lo != used:
+        return [[_read_at(f, path, s.offset, s.length, e.name) for s in e.streams] for e in group]
+    data = _read_at(f, path, lo, used, group[0].name)
+    return [[data[s.offset - lo : s.offset - lo + s.length] if s.length else _EMPTY for s in e.streams] for e in group]
+
+
+def _interleave(byte_planes: list[np.ndarray], start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Elements start..stop from their byte planes, one item each, into ``out`` (items, or rows for other widths)
+    if given. 2- and 4-byte elements are built with shifts: faster than strided byte copies."""
+    w = len(byte_planes)
+    if w == 1 and out is None:
+        return byte_planes[0][start:stop]
+    if w in (2, 4) and (stop - start) * w >= _SHIFT_BYTES:
+        v = np.empty(stop - start, f"<u{w}") if out is None else out
+        v[...] = byte_planes[-1][start:stop]
+        for plane in byte_planes[-2::-1]:
+            v <<= 8
+            v |= plane[start:stop]
+        return v
+    rows = np.empty((stop - start, w), np.uint8) if out is None else out.view(np.uint8).reshape(stop - start, w)
     for i, plane in enumerate(byte_planes):
         rows[:, i] = plane[start:stop]
     return items(rows)
 
 
-def _mask_starts(e: _Entry, bits: np.ndarray, n: int, path: Path) -> np.ndarray:
-    """Index of the first kept value of each chunk, checking the mask's population count."""
-    counts = np.add.reduceat(_POPCOUNT[bits], np.arange(0, bits.size, _CHUNK // 8), dtype=np.int64)
-    if int(counts.sum()) != e.kept or (n % 8 and int(bits[-1]) >> (n % 8)):
+def _mask_starts(e: _Entry, bits: np.ndarray, count: int, path: Path) -> np.ndarray:
+    """Index of the first kept value of each chunk and the end: [0, ..., kept], from the mask's popcount."""
+    if count <= 1:
+        return np.array([0, e.kept])  # the one chunk checks its own count
+    counts = np.add.reduceat(_popcount(bits), np.arange(0, bits.size, _CHUNK // 8), dtype=np.int64)
+    if int(counts.sum()) != e.kept:
         raise _corrupt(path, f"tensor {e.name!r} has a mask with the wrong number of kept values")
     return np.concatenate([[0], np.cumsum(counts)])
 
 
+def _popcount(bits: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(bits) if hasattr(np, "bitwise_count") else _POPCOUNT[bits]  # numpy < 2: a table
+
+
 def _gap_positions(e: _Entry, gap_planes: list[np.ndarray], n: int, path: Path) -> np.ndarray:
     """Indices of the kept elements, summed from the gaps before each."""
-    gaps = _rows(gap_planes, 0, e.kept)
-    if int(gaps.max()) >= n:
+    if e.kept == 0:
+        return np.empty(0, np.int64)
+    gaps = _interleave(gap_planes, 0, e.kept)
+    if e.kept * 256**e.width >= 1 << 63 and int(gaps.max()) >= n:  # else the sum below cannot overflow
         raise _corrupt(path, f"tensor {e.name!r} has a gap beyond its end")
-    index = np.cumsum(gaps.astype(np.int64) + 1) - 1  # < k * n < 2**62: no overflow
+    index = gaps.astype(np.int64)
+    index += 1
+    np.cumsum(index, out=index)
+    index -= 1
     if int(index[-1]) >= n:
         raise _corrupt(path, f"tensor {e.name!r} has a kept position beyond its end")
     return index
@@ -618,67 +655,90 @@ def _gap_positions(e: _Entry, gap_planes: list[np.ndarray], n: int, path: Path) 
 Step = Callable[[int], None]  # decodes chunk j of a tensor into its output; chunks are independent
 
 
-def _dense_steps(values: list[np.ndarray], out_items: np.ndarray) -> tuple[int, Step]:
-    n = out_items.size
+def _dense_steps(values: list[np.ndarray], out: np.ndarray) -> tuple[int, Step]:
+    n, out_items = out.shape[0], items(out)
 
     def step(j: int) -> None:
         start, stop = j * _CHUNK, min(n, (j + 1) * _CHUNK)
-        out_items[start:stop] = _rows(values, start, stop)
+        _interleave(values, start, stop, out_items[start:stop])
 
     return -(-n // _CHUNK), step
 
 
-def _gap_steps(e: _Entry, streams: list[np.ndarray], out_items: np.ndarray, path: Path) -> tuple[int, Step]:
-    values, index = streams[e.width :], _gap_positions(e, streams[: e.width], out_items.size, path)
+def _gap_steps(e: _Entry, streams: list[np.ndarray], out: np.ndarray, path: Path) -> tuple[int, Step]:
+    """Chunks of kept values; chunk j also clears the elements from its first position to the next chunk's."""
+    values, n, out_items = streams[e.width :], out.shape[0], items(out)
+    index = _gap_positions(e, streams[: e.width], n, path)
 
     def step(j: int) -> None:
         start, stop = j * _CHUNK, min(e.kept, (j + 1) * _CHUNK)
-        out_items[index[start:stop]] = _rows(values, start, stop)
+        out[int(index[start]) if j else 0 : int(index[stop]) if stop < e.kept else n] = 0
+        out_items[index[start:stop]] = _interleave(values, start, stop)
 
-    return -(-e.kept // _CHUNK), step
+    return max(1, -(-e.kept // _CHUNK)), step
 
 
-def _mask_steps(e: _Entry, streams: list[np.ndarray], out_items: np.ndarray, path: Path) -> tuple[int, Step]:
-    bits, values, n = streams[0], streams[1:], out_items.size
-    starts = _mask_starts(e, bits, n, path)
+def _mask_steps(e: _Entry, streams: list[np.ndarray], out: np.ndarray, path: Path) -> tuple[int, Step]:
+    bits, values, n = streams[0], streams[1:], out.shape[0]
+    count = -(-n // _CHUNK)
+    if n % 8 and int(bits[-1]) >> (n % 8):
+        raise _corrupt(path, f"tensor {e.name!r} has a mask with the wrong number of kept values")
+    starts = _mask_starts(e, bits, count, path)
 
     def step(j: int) -> None:
         start, stop = j * _CHUNK, min(n, (j + 1) * _CHUNK)
         chunk = np.unpackbits(bits[start // 8 : -(-stop // 8)], count=stop - start, bitorder="little")
         index = np.flatnonzero(chunk.view(np.bool_))
-        out_items[start:stop][index] = _rows(values, int(starts[j]), int(starts[j]) + index.size)
+        first, end = int(starts[j]), int(starts[j + 1])
+        if index.size != end - first:
+            raise _corrupt(path, f"tensor {e.name!r} has a mask with the wrong number of kept values")
+        part = out[start:stop]
+        part.fill(0)
+        items(part)[index] = _interleave(values, first, end)
 
-    return -(-n // _CHUNK), step
+    return count, step
 
 
-def _decode(e: _Entry, streams: list[np.ndarray], path: Path, executor: ThreadPoolExecutor) -> torch.Tensor:
-    n, w = math.prod(e.shape), _itemsize(e.dtype)
-    out = np.zeros((n, w), np.uint8) if e.encoding != "dense" else np.empty((n, w), np.uint8)
-    if n and e.kept:
-        out_items = items(out)
-        if e.encoding == "dense":
-            count, step = _dense_steps(streams, out_items)
-        elif e.encoding == "gaps":
-            count, step = _gap_steps(e, streams, out_items, path)
-        else:
-            count, step = _mask_steps(e, streams, out_items, path)
-        groups = np.array_split(np.arange(count), min(count, _WORKERS))
-        list(_mapper(executor, e)(lambda group: [step(int(j)) for j in group], groups))
+def _decode(e: _Entry, payloads: list[np.ndarray], path: Path, executor: ThreadPoolExecutor) -> torch.Tensor:
+    """One tensor from its stored streams. Tensors with much to decode do their streams, then their chunks, on
+    worker threads (zstd, zlib and numpy's loops release the GIL), checksumming while the chunks are written."""
+    n, w = math.prod(e.shape), _ITEMSIZE[e.dtype]
+    parallel = _WORKERS > 1 and sum(s.size for s in e.streams) >= _PARALLEL_BYTES
+    what = f"a stream of tensor {e.name!r}"
+    if parallel:
+        streams = list(executor.map(lambda job: _stream(*job, path, what), zip(payloads, e.streams, strict=True)))
+        crcs = executor.submit(lambda: [zlib.crc32(s) for s in streams])
+    else:
+        streams = [
+            p if s.codec == "raw" and s.symbols is None else _stream(p, s, path, what)
+            for p, s in zip(payloads, e.streams, strict=True)
+        ]
+        crcs = [zlib.crc32(s) for s in streams]
+    out = np.empty((n, w), np.uint8)
+    if e.encoding == "dense":
+        count, step = _dense_steps(streams, out)
+    elif e.encoding == "gaps":
+        count, step = _gap_steps(e, streams, out, path)
+    else:
+        count, step = _mask_steps(e, streams, out, path)
+    list((executor.map if parallel else map)(step, range(count)))
+    if _combined_crc(crcs.result() if parallel else crcs) != e.crc32:
+        raise _corrupt(path, f"tensor {e.name!r} fails its checksum")
     if e.dtype == torch.bool and bool((out > 1).any()):
         raise _corrupt(path, f"tensor {e.name!r} holds bool bytes other than 0 and 1")
     return torch.from_numpy(out.reshape(-1)).view(e.dtype).view(e.shape)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return _ITEMSIZE[dtype]
 
 
-def _read_tensors(f: BinaryIO, path: Path, entries: list[_Entry], executor: ThreadPoolExecutor) -> Iterator:
+def _read_tensors(f: BinaryIO, path: Path, entries: list[_Entry], executor: ThreadPoolExecutor) -> dict:
     out: dict[str, torch.Tensor] = {}
-    for e in entries:
-        if e.encoding != "alias":
-            out[e.name] = _decode(e, _read_streams(f, e, path, executor), path, executor)
-        yield e.name, out[e.alias_of or e.name]
+    for group, lo, hi, used in _groups([e for e in entries if e.encoding != "alias"]):
+        for e, payloads in zip(group, _payloads(f, path, group, lo, hi, used), strict=True):
+            out[e.name] = _decode(e, payloads, path, executor)
+    return {e.name: out[e.alias_of or e.name] for e in entries}
 
 
 def _open(f: BinaryIO, path: Path, limits: Limits | None) -> tuple[list[dict], list[_Entry]]:
@@ -701,7 +761,7 @@ def read_packed(path: str | Path, limits: Limits | None = None) -> dict[str, tor
     with open(path, "rb") as f, ThreadPoolExecutor(max_workers=_WORKERS) as executor:
         entries = _open(f, path, limits)[1]
         try:
-            return dict(_read_tensors(f, path, entries, executor))
+            return _read_tensors(f, path, entries, executor)
         except (ValueError, RuntimeError, OverflowError, IndexError) as e:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise _corrupt(path, f"undecodable data: {detail}") from None
