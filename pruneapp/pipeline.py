@@ -5,11 +5,8 @@ The CLI and the app both call these functions.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -203,35 +200,17 @@ def torch_prune_bytes(model: LoadedModel, pruned: Sequence[str]) -> int:
 
 
 def saved_size(obj: object, stem: str) -> int:
-    """Bytes ``torch.save(obj, "<stem>.pt")`` writes, counted through a pipe instead of written to disk.
+    """Bytes ``torch.save(obj, "<stem>.pt")`` writes, without writing the tensors' bytes.
 
-    torch names the archive's inner folder after the file, so the pipe carries the file's name.
+    Under ``skip_data`` torch lays the file out in full but leaves holes where storage bytes go, so the
+    size is exact and costs no I/O. torch names the archive's inner folder after the file, so the file
+    carries that name.
     """
-    if not hasattr(os, "mkfifo"):
-        with tempfile.TemporaryDirectory(prefix="pruneapp-size-") as tmp:
-            torch.save(obj, Path(tmp) / f"{stem}.pt")
-            return (Path(tmp) / f"{stem}.pt").stat().st_size
     with tempfile.TemporaryDirectory(prefix="pruneapp-size-") as tmp:
-        pipe = Path(tmp) / f"{stem}.pt"
-        os.mkfifo(pipe)
-        counted: list[int] = []
-        reader = threading.Thread(target=_count_bytes, args=(pipe, counted), daemon=True)
-        reader.start()
-        try:
-            torch.save(obj, pipe)
-        finally:
-            with contextlib.suppress(OSError):  # lets the reader's open() return if torch never opened the pipe
-                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-            reader.join()
-    return counted[0]
-
-
-def _count_bytes(pipe: Path, counted: list[int]) -> None:
-    total = 0
-    with open(pipe, "rb") as f:
-        while chunk := f.read(1 << 20):
-            total += len(chunk)
-    counted.append(total)
+        path = Path(tmp) / f"{stem}.pt"
+        with torch.serialization.skip_data():
+            torch.save(obj, path)
+        return path.stat().st_size
 
 
 def _same_bytes_new_storage(t: torch.Tensor) -> torch.Tensor:
