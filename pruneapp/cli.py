@@ -18,9 +18,10 @@ from typing import NoReturn, TextIO
 import torch
 
 from pruneapp import formats as fmt
-from pruneapp import pipeline, pruning
+from pruneapp import isolation, pipeline, pruning
 from pruneapp.errors import OutputExistsError, PruneAppError, SettingsError
-from pruneapp.limits import default_limits
+from pruneapp.limits import Limits, default_limits
+from pruneapp.loading import LoadedModel
 from pruneapp.report import Report
 from pruneapp.units import human_bytes
 
@@ -106,11 +107,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         force=args.force,
         limits=default_limits(),
         progress=None if args.quiet else StderrProgress(),
+        loader=_load_once,
     )
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(report.to_json() if args.json else format_report(report, out_dir))
     return 0
+
+
+def _load_once(path: Path, limits: Limits) -> LoadedModel:
+    """One isolated load, then the loading server goes: a one-shot command needs its memory back."""
+    try:
+        return isolation.load_isolated(path, limits)
+    finally:
+        isolation.shutdown()
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -323,14 +323,15 @@ def _server() -> _ForkServer:
         server = _Servers.current
         if server is None or not server.alive:
             if server is None:
-                atexit.register(_shutdown)
+                atexit.register(shutdown)
             else:
                 server.close()
             server = _Servers.current = _ForkServer()
         return server
 
 
-def _shutdown() -> None:
+def shutdown() -> None:
+    """Stop the loading server (a one-shot command frees its memory; the next load starts a new one)."""
     with _Servers.lock:
         if _Servers.current is not None:
             _Servers.current.close()

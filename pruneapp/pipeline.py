@@ -5,10 +5,13 @@ The CLI and the app both call these functions.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -224,26 +227,30 @@ def _same_bytes_new_storage(t: torch.Tensor) -> torch.Tensor:
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _check_round_trip(path: Path, expected: dict[str, torch.Tensor], limits: Limits) -> float:
+def fingerprint(weights: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """dtype, shape and CRC-32 of every tensor's bytes: enough to prove a read-back equal, bit for bit."""
+    names = list(weights)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # zlib releases the GIL
+        crcs = list(pool.map(lambda name: _crc(weights[name]), names))
+    return {n: (str(weights[n].dtype), tuple(weights[n].shape), crc) for n, crc in zip(names, crcs, strict=True)}
+
+
+def _crc(t: torch.Tensor) -> int:
+    t = t.detach().contiguous()
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
+
+
+def _check_round_trip(path: Path, expected: dict[str, tuple[str, tuple[int, ...], int]], limits: Limits) -> float:
     """Read an output back, prove it equals the pruned weights bit for bit, and return the decode time."""
     t0 = time.perf_counter()
     got = fmt.read_weights(path, limits)
     seconds = time.perf_counter() - t0
-    for name, t in expected.items():
-        other = got.get(name)
-        if other is None or other.dtype != t.dtype or other.shape != t.shape or not _bits_equal(other, t):
-            raise PruneAppError(
-                f"Internal check failed: {path.name} does not read back {name!r} exactly; please report this."
-            )
-    return seconds
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype.is_floating_point and a.element_size() in (2, 4, 8):
-        return torch.equal(
-            a.contiguous().view(_INT_OF_SIZE[a.element_size()]), b.contiguous().view(_INT_OF_SIZE[a.element_size()])
+    if fingerprint(got) != expected:
+        wrong = sorted(set(expected) ^ set(got)) or [n for n in expected if fingerprint({n: got[n]})[n] != expected[n]]
+        raise PruneAppError(
+            f"Internal check failed: {path.name} does not read back {wrong[0]!r} exactly; please report this."
         )
-    return torch.equal(a, b)
+    return seconds
 
 
 def prune_model(
@@ -260,7 +267,8 @@ def prune_model(
 ) -> Report:
     """Prune an already loaded model, write every format into ``out_dir``, read each back and measure it.
 
-    With ``inplace`` the model's own tensors are pruned (no second copy of the weights in memory).
+    With ``inplace`` the model's own tensors are pruned (no second copy of the weights in memory) and released
+    once written, so reading the outputs back never holds two copies: the model is used up.
     """
     limits = limits or default_limits()
     stages = stages or _Stages(None)
@@ -290,10 +298,13 @@ def prune_model(
                 progress=report,
             )
         with stages.stage("measure", "reading outputs back") as report:
+            expected = fingerprint(result.weights)
+            if inplace:  # the outputs hold the weights now: free them before reading each output back
+                result.weights, model.weights, model.extras = {}, {}, {}
             outputs = []
             for i, out in enumerate(written):
                 report(out.path.name, i / max(1, len(written)))
-                decode = _check_round_trip(out.path, result.weights, limits)
+                decode = _check_round_trip(out.path, expected, limits)
                 outputs.append(_output_size(out, decode, model.file_bytes))
             if auto:
                 outputs = [_keep_smallest(outputs, write_dir, out_dir, force)]

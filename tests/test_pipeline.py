@@ -9,7 +9,7 @@ import torch
 from torch.nn.utils import prune
 
 from pruneapp import formats
-from pruneapp.errors import LimitExceededError, OutputExistsError, SettingsError
+from pruneapp.errors import LimitExceededError, OutputExistsError, PruneAppError, SettingsError
 from pruneapp.limits import Limits
 from pruneapp.loading import load_model
 from pruneapp.pipeline import (
@@ -171,3 +171,19 @@ def test_a_csr_output_can_be_pruned_again_and_keeps_its_weights(tmp_path: Path, 
     report, second = prune_file(first / "mlp.csr.pt.zst", PruneSettings(sparsity=0.8), out_dir=tmp_path / "b")
     assert {o.path for o in report.outputs} >= {"mlp.pruned.pt", "mlp.csr.pt"}
     assert report.sparsity_achieved == pytest.approx(0.8, abs=0.01)
+
+
+def test_an_output_that_reads_back_differently_is_caught(
+    tmp_path: Path, mlp_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = formats.read_weights
+
+    def flip_one_bit(path: Path, limits: Limits) -> dict[str, torch.Tensor]:
+        weights = real(path, limits)
+        weights["fc1.bias"].view(torch.int32)[0] ^= 1
+        return weights
+
+    monkeypatch.setattr(formats, "read_weights", flip_one_bit)
+    with pytest.raises(PruneAppError, match="does not read back 'fc1.bias' exactly"):
+        prune_file(mlp_file, PruneSettings(sparsity=0.5), out_dir=tmp_path / "o", formats=["csr"])
+    assert not (tmp_path / "o").exists()
