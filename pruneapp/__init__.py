@@ -1,40 +1,44 @@
-"""pruneapp: prune PyTorch models into checkpoints that are really smaller on disk."""
+"""pruneapp: prune PyTorch models into checkpoints that are really smaller on disk.
 
-from pruneapp.errors import (
-    CorruptFileError,
-    LimitExceededError,
-    OutputExistsError,
-    PruneAppError,
-    SettingsError,
-    UnsafeFileError,
-    UnsupportedFileError,
-)
-from pruneapp.formats import FORMATS, read_weights
-from pruneapp.limits import Limits
-from pruneapp.loading import LoadedModel, load_model
-from pruneapp.pipeline import inspect_file, prune_file, sweep
-from pruneapp.pruning import METHODS, PruneResult, PruneSettings, prune
-from pruneapp.report import Report
+Names are imported on first use, so ``python -m pruneapp`` can start its loading server before torch loads.
+"""
 
-__all__ = [
-    "FORMATS",
-    "METHODS",
-    "CorruptFileError",
-    "LimitExceededError",
-    "Limits",
-    "LoadedModel",
-    "OutputExistsError",
-    "PruneAppError",
-    "PruneResult",
-    "PruneSettings",
-    "Report",
-    "SettingsError",
-    "UnsafeFileError",
-    "UnsupportedFileError",
-    "inspect_file",
-    "load_model",
-    "prune",
-    "prune_file",
-    "read_weights",
-    "sweep",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CorruptFileError": "pruneapp.errors",
+    "LimitExceededError": "pruneapp.errors",
+    "OutputExistsError": "pruneapp.errors",
+    "PruneAppError": "pruneapp.errors",
+    "SettingsError": "pruneapp.errors",
+    "UnsafeFileError": "pruneapp.errors",
+    "UnsupportedFileError": "pruneapp.errors",
+    "FORMATS": "pruneapp.formats",
+    "read_weights": "pruneapp.formats",
+    "Limits": "pruneapp.limits",
+    "LoadedModel": "pruneapp.loading",
+    "load_model": "pruneapp.loading",
+    "inspect_file": "pruneapp.pipeline",
+    "prune_file": "pruneapp.pipeline",
+    "sweep": "pruneapp.pipeline",
+    "METHODS": "pruneapp.pruning",
+    "PruneResult": "pruneapp.pruning",
+    "PruneSettings": "pruneapp.pruning",
+    "prune": "pruneapp.pruning",
+    "Report": "pruneapp.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pruneapp' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -38,7 +38,7 @@ import safetensors.torch
 import torch
 from torch._weights_only_unpickler import _get_allowed_globals
 
-from pruneapp import errors
+from pruneapp import errors, prestart
 from pruneapp.errors import CorruptFileError, LimitExceededError, PruneAppError, UnsafeFileError
 from pruneapp.limits import Limits, default_limits
 from pruneapp.loading import LoadedModel
@@ -243,20 +243,7 @@ class _ForkServer:
     """The parent's side of the fork server: a pipe for requests and a thread that routes each reply to its caller."""
 
     def __init__(self) -> None:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(p or os.curdir for p in sys.path),
-            "MALLOC_ARENA_MAX": "2",
-            "OMP_NUM_THREADS": "1",
-        }
-        env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from pruneapp.isolation import serve; serve()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            start_new_session=True,  # a Ctrl-C meant for the app does not reach half-finished loads
-        )
+        self.proc = prestart.take()
         self._lock = threading.Lock()
         self._waiting: dict[int, queue.Queue[dict[str, Any]]] = {}
         self._ids = itertools.count()

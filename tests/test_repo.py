@@ -47,7 +47,7 @@ def test_torch_is_pinned_to_the_cpu_build_on_disk() -> None:
 
 def test_package_installs_a_console_command() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["pruneapp"] == "pruneapp.cli:main"
+    assert project["scripts"]["pruneapp"] == "pruneapp.__main__:main"
 
 
 def ruff() -> str:
@@ -70,3 +70,11 @@ def test_library_never_imports_streamlit() -> None:
         if re.search(r"^\s*(import|from) streamlit", p.read_text(), re.M)
     ]
     assert offenders == []
+
+
+def test_public_api_names_resolve() -> None:
+    import pruneapp
+
+    assert all(getattr(pruneapp, name) is not None for name in pruneapp.__all__)
+    with pytest.raises(AttributeError):
+        _ = pruneapp.no_such_name
