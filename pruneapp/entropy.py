@@ -21,10 +21,13 @@ def byte_rows(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy().reshape(t.numel(), t.element_size())
 
 
+_ITEM_TYPES = {w: np.dtype(f"<u{w}" if w in (1, 2, 4, 8) else f"V{w}") for w in range(1, 17)}
+
+
 def items(rows: np.ndarray) -> np.ndarray:
     """1-D view with one item per row: unsigned integers where the width allows, else raw bytes (void)."""
     w = rows.shape[1]
-    return rows.view(f"<u{w}" if w in (1, 2, 4, 8) else f"V{w}").reshape(-1)
+    return rows.view(_ITEM_TYPES.get(w) or np.dtype(f"V{w}")).reshape(-1)
 
 
 def nonzero_mask(rows: np.ndarray) -> np.ndarray:

@@ -91,7 +91,7 @@ class _Stream:
     symbols: list[int] | None = None  # the stream's distinct bytes, most frequent first, when symbol-packed
 
 
-@dataclass
+@dataclass(slots=True)
 class _Spec:
     """A validated stream record from the header."""
 
@@ -100,9 +100,10 @@ class _Spec:
     codec: str
     symbols: list[int] | None
     size: int  # decoded bytes
+    packed: int  # bytes the codec produces: size, or fewer when symbol-packed
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     """A validated tensor record from the header."""
 
@@ -120,8 +121,11 @@ class _Entry:
 # ---- symbol packing: s <= 16 distinct bytes -> floor(log_s 256) symbols per byte -------------------------
 
 
+_PER_BYTE = {s: next(m for m in range(8, 0, -1) if s**m <= 256) for s in range(1, 17)}
+
+
 def _per_byte(s: int) -> int:
-    return next(m for m in range(8, 0, -1) if s**m <= 256)
+    return _PER_BYTE[s]
 
 
 def _pack_symbols(data: np.ndarray, hist: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -156,7 +160,7 @@ def _symbol_table(symbols: tuple[int, ...]) -> np.ndarray:
 def _unpack_symbols(codes: np.ndarray, symbols: list[int], size: int) -> np.ndarray:
     if len(symbols) == 1:
         return np.full(size, symbols[0], np.uint8)
-    return np.take(_symbol_table(tuple(symbols)), codes).view(np.uint8)[:size]
+    return _symbol_table(tuple(symbols)).take(codes).view(np.uint8)[:size]
 
 
 def _packed_size(size: int, symbols: list[int] | None) -> int:
@@ -499,20 +503,23 @@ class _Validator:
         return n
 
     def streams(self, name: str, raw: object, sizes: list[int]) -> tuple[_Spec, ...]:
-        if not isinstance(raw, list) or len(raw) != len(sizes):
+        if type(raw) is not list or len(raw) != len(sizes):
             raise self.fail(f"tensor {name!r} has {len(raw) if isinstance(raw, list) else 'no'} streams")
-        return tuple(self.spec(name, s, size) for s, size in zip(raw, sizes, strict=True))
+        return tuple([self.spec(name, s, size) for s, size in zip(raw, sizes, strict=True)])
 
     def spec(self, name: str, s: object, size: int) -> _Spec:
-        if not isinstance(s, dict) or not _one_of(s.get("codec"), _CODECS):
+        codec = s.get("codec") if type(s) is dict else None
+        if type(codec) is not str or codec not in _CODECS:
             raise self.fail(f"tensor {name!r} has a stream with an unknown codec")
         offset, length, symbols = s.get("offset"), s.get("length"), s.get("symbols")
-        if not (_is_count(offset) and _is_count(length)) or offset < _DATA_START or offset + length > self.data_end:
+        if type(offset) is not int or type(length) is not int or length < 0 or offset < _DATA_START:
+            raise self.fail(f"tensor {name!r} has a stream outside the data area")
+        if offset + length > self.data_end:
             raise self.fail(f"tensor {name!r} has a stream outside the data area")
         if symbols is not None and not _valid_symbols(symbols):
             raise self.fail(f"tensor {name!r} has a bad symbol table")
-        spec = _Spec(offset, length, s["codec"], symbols, size)
-        if spec.codec == "raw" and length != _packed_size(size, symbols):
+        spec = _Spec(offset, length, codec, symbols, size, size if symbols is None else _packed_size(size, symbols))
+        if codec == "raw" and length != spec.packed:
             raise self.fail(f"tensor {name!r} has a raw stream of the wrong length")
         if length:
             self.ranges.append((offset, length))
@@ -531,7 +538,7 @@ def _valid_symbols(symbols: object) -> bool:
     return (
         type(symbols) is list
         and 1 <= len(symbols) <= 16
-        and all(type(v) is int for v in symbols)
+        and set(map(type, symbols)) == {int}
         and len(_BYTE_VALUES.intersection(symbols)) == len(symbols)
     )
 
@@ -556,7 +563,7 @@ def _dctx() -> zstandard.ZstdDecompressor:
 def _stream(payload: np.ndarray, spec: _Spec, path: Path, what: str) -> np.ndarray:
     """One stream's decoded bytes (spec.size of them); a raw stream's are its payload, uncopied."""
     if spec.codec == "zstd":
-        payload = np.frombuffer(_decompress(payload, _packed_size(spec.size, spec.symbols), path, what), np.uint8)
+        payload = np.frombuffer(_decompress(payload, spec.packed, path, what), np.uint8)
     if spec.symbols is not None:
         payload = _unpack_symbols(payload, spec.symbols, spec.size)
     return payload
@@ -645,7 +652,7 @@ def _gap_positions(e: _Entry, gap_planes: list[np.ndarray], n: int, path: Path) 
         raise _corrupt(path, f"tensor {e.name!r} has a gap beyond its end")
     index = gaps.astype(np.int64)
     index += 1
-    np.cumsum(index, out=index)
+    index.cumsum(out=index)
     index -= 1
     if int(index[-1]) >= n:
         raise _corrupt(path, f"tensor {e.name!r} has a kept position beyond its end")
@@ -726,7 +733,9 @@ def _decode(e: _Entry, payloads: list[np.ndarray], path: Path, executor: ThreadP
         raise _corrupt(path, f"tensor {e.name!r} fails its checksum")
     if e.dtype == torch.bool and bool((out > 1).any()):
         raise _corrupt(path, f"tensor {e.name!r} holds bool bytes other than 0 and 1")
-    return torch.from_numpy(out.reshape(-1)).view(e.dtype).view(e.shape)
+    if n == 0:
+        return torch.empty(e.shape, dtype=e.dtype)
+    return torch.frombuffer(out, dtype=e.dtype).view(e.shape)  # shares out's memory and keeps it alive
 
 
 def _itemsize(dtype: torch.dtype) -> int:
