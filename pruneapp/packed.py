@@ -116,6 +116,7 @@ class _Entry:
     crc32: int = 0  # of the streams' decoded bytes, see _combined_crc
     streams: tuple[_Spec, ...] = ()
     alias_of: str = ""
+    extent: tuple[int, int, int] = (0, 0, 0)  # first and end byte of the streams holding bytes, bytes they hold
 
 
 # ---- symbol packing: s <= 16 distinct bytes -> floor(log_s 256) symbols per byte -------------------------
@@ -478,6 +479,7 @@ class _Validator:
         if not _is_count(e.kept) or e.kept > n or (e.encoding == "gaps" and e.width not in (1, 2, 4, 8)):
             raise self.fail(f"tensor {name!r} has a bad kept count or gap width")
         e.streams = self.streams(name, r.get("streams"), _stream_sizes(e, n))
+        e.extent = _extent(e.streams)
         return e
 
     def count(self, name: str, shape: list[int], itemsize: int) -> int:
@@ -518,7 +520,7 @@ class _Validator:
             raise self.fail(f"tensor {name!r} has a stream outside the data area")
         if symbols is not None and not _valid_symbols(symbols):
             raise self.fail(f"tensor {name!r} has a bad symbol table")
-        spec = _Spec(offset, length, codec, symbols, size, size if symbols is None else _packed_size(size, symbols))
+        spec = _Spec(offset, length, codec, symbols, size, _packed_size(size, symbols))
         if codec == "raw" and length != spec.packed:
             raise self.fail(f"tensor {name!r} has a raw stream of the wrong length")
         if length:
@@ -571,10 +573,13 @@ def _stream(payload: np.ndarray, spec: _Spec, path: Path, what: str) -> np.ndarr
 
 def _extent(streams: tuple[_Spec, ...]) -> tuple[int, int, int]:
     """First and end byte of the streams that hold bytes, and how many bytes they hold."""
-    parts = [(s.offset, s.offset + s.length) for s in streams if s.length]
-    if not parts:
-        return 0, 0, 0
-    return min(a for a, _ in parts), max(b for _, b in parts), sum(b - a for a, b in parts)
+    lo, hi, used = -1, 0, 0
+    for s in streams:
+        if s.length:
+            lo = s.offset if lo < 0 else min(lo, s.offset)
+            hi = max(hi, s.offset + s.length)
+            used += s.length
+    return (lo, hi, used) if used else (0, 0, 0)
 
 
 def _groups(stored: list[_Entry]) -> Iterator[tuple[list[_Entry], int, int, int]]:
@@ -583,7 +588,7 @@ def _groups(stored: list[_Entry]) -> Iterator[tuple[list[_Entry], int, int, int]
     group: list[_Entry] = []
     lo = hi = used = 0
     for e in stored:
-        a, b, u = _extent(e.streams)
+        a, b, u = e.extent
         joined = (min(lo, a), max(hi, b), used + u) if used and u else (lo, hi, used) if used else (a, b, u)
         if group and (joined[1] - joined[0] != joined[2] or joined[2] > _BATCH_BYTES):
             yield group, lo, hi, used

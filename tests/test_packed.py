@@ -159,15 +159,51 @@ def test_threads_levels_and_multithreaded_zstd(tmp_path: Path, monkeypatch: pyte
     round_trip(tmp_path, weights, threads=-1)
 
 
-def test_small_chunks_decode_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(packed, "_CHUNK", 64)
+READ_PATHS = {  # module settings that route reading through each of its code paths
+    "defaults": {},
+    "many small chunks": {"_CHUNK": 16},
+    "threads": {"_CHUNK": 16, "_PARALLEL_BYTES": 0, "_WORKERS": 2},
+    "one read per tensor, shifts everywhere": {"_BATCH_BYTES": 0, "_SHIFT_BYTES": 0},
+    "no shifts": {"_SHIFT_BYTES": 1 << 40},
+}
+
+
+@pytest.mark.parametrize("settings", READ_PATHS.values(), ids=list(READ_PATHS))
+def test_every_read_path_decodes_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: dict) -> None:
     weights = {
         "mask": pruned_weights(0.5, (33, 35)),
         "gaps": pruned_weights(0.97, (33, 35)),
         "dense": torch.randn(1001),
+        "wide": sample(torch.complex128, (300,), 0.5),
+        "half": sample(torch.float16, (40, 40), 0.6),
+        "bytes": sample(torch.int8, (500,), 0.97),
+        "long": sample(torch.int64, (700,), 0.0),
     }
-    round_trip(tmp_path, weights)
-    assert set(encodings(tmp_path / f"w{EXTENSION}").values()) == {"mask", "gaps", "dense"}
+    path = tmp_path / f"w{EXTENSION}"
+    write_packed(weights, path)
+    for name, value in settings.items():
+        monkeypatch.setattr(packed, name, value)
+    assert_same(weights, read_packed(path))
+    assert set(encodings(path).values()) == {"mask", "gaps", "dense"}
+
+
+def test_streams_need_not_lie_back_to_back(good_file: Path) -> None:
+    """Streams in another order with bytes between them (as another writer might lay them out) read the same."""
+    head, header = split(good_file)
+    body = bytearray(head[: len(MAGIC) + 4])
+    offsets = []
+    for r in reversed(header["tensors"]):
+        for s in r.get("streams", []):
+            body += b"\xee" * 7
+            offsets.append(len(body))
+            body += head[s["offset"] : s["offset"] + s["length"]]
+
+    def move(h: dict) -> None:
+        streams = [s for r in reversed(h["tensors"]) for s in r.get("streams", [])]
+        for s, offset in zip(streams, offsets, strict=True):
+            s["offset"] = offset
+
+    assert_same(read_packed(good_file), read_packed(rewrite(good_file, move, body=lambda _: bytes(body))))
 
 
 def test_progress_reports_each_tensor_and_the_end(tmp_path: Path) -> None:
@@ -508,9 +544,14 @@ def test_the_documented_checksum_is_the_one_written(tmp_path: Path) -> None:
     assert record["crc32"] == mask_stream_crcs(t, bytes([0xAA]) * 125)
 
 
-def test_mask_with_the_wrong_population_is_refused(good_file: Path) -> None:
+@pytest.mark.parametrize("chunk", [packed._CHUNK, 64], ids=["one chunk", "many chunks"])
+def test_mask_with_the_wrong_population_is_refused(
+    good_file: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    crafted = replace_mask(good_file, "mask", read_packed(good_file)["mask"], b"\xff" * (64 * 64 // 8))
+    monkeypatch.setattr(packed, "_CHUNK", chunk)
     with pytest.raises(CorruptFileError, match="wrong number of kept values"):
-        read_packed(replace_mask(good_file, "mask", read_packed(good_file)["mask"], b"\xff" * (64 * 64 // 8)))
+        read_packed(crafted)
 
 
 def test_mask_padding_bits_must_be_clear(tmp_path: Path) -> None:
