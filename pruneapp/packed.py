@@ -58,8 +58,7 @@ _MAX_WINDOW = 1 << 27  # largest zstd window a level <= 22 frame needs
 _MAX_DIMS = 64
 _CHUNK = 1 << 18  # elements per decode step (a multiple of 8): its temporaries stay in cache
 _WORKERS = os.cpu_count() or 1
-_PARALLEL_BYTES = 1 << 22  # tensors with this many decoded stream bytes decode on worker threads; less costs more
-# to hand over than it gains
+_PARALLEL_BYTES = 1 << 22  # decoded stream bytes from which a tensor decodes on worker threads (less: not worth it)
 _BATCH_BYTES = 1 << 22  # stored bytes of consecutive tensors read with one call, at most (or one tensor's)
 _POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
 _EMPTY = np.empty(0, np.uint8)
@@ -589,7 +588,10 @@ def _groups(stored: list[_Entry]) -> Iterator[tuple[list[_Entry], int, int, int]
     lo = hi = used = 0
     for e in stored:
         a, b, u = e.extent
-        joined = (min(lo, a), max(hi, b), used + u) if used and u else (lo, hi, used) if used else (a, b, u)
+        if not (used and u):
+            joined = (lo, hi, used) if used else (a, b, u)
+        else:
+            joined = (min(lo, a), max(hi, b), used + u)
         if group and (joined[1] - joined[0] != joined[2] or joined[2] > _BATCH_BYTES):
             yield group, lo, hi, used
             group, joined = [], (a, b, u)
