@@ -597,13 +597,9 @@ def read_weights(path: str | Path, limits: Limits | None = None) -> dict[str, to
 
 
 def _head(path: Path, limits: Limits) -> bytes:
-    if not path.is_file():
-        raise UnsupportedFileError(f"{path} is not a file; check the path.")
-    size = path.stat().st_size
-    if size > limits.max_file_bytes:
-        raise LimitExceededError(
-            f"{path.name} is {size} bytes, over the limit of {limits.max_file_bytes} (PRUNEAPP_MAX_FILE_BYTES)."
-        )
+    from pruneapp.loading import checked_size
+
+    checked_size(path, limits)
     with open(path, "rb") as f:
         return f.read(64)
 

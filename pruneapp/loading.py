@@ -225,7 +225,8 @@ def _looks_like_text(head: bytes) -> bool:
 # Loading each kind
 
 
-def _load(path: Path, limits: Limits) -> LoadedModel:
+def checked_size(path: Path, limits: Limits) -> int:
+    """The size of ``path``, after checking that it is a file within ``limits.max_file_bytes``."""
     if not path.is_file():
         raise UnsupportedFileError(f"{path} is not a file; check the path.")
     size = path.stat().st_size
@@ -234,6 +235,11 @@ def _load(path: Path, limits: Limits) -> LoadedModel:
             f"{path.name} is {size} bytes, over the limit of {limits.max_file_bytes}; "
             "raise PRUNEAPP_MAX_FILE_BYTES if the file is trusted."
         )
+    return size
+
+
+def _load(path: Path, limits: Limits) -> LoadedModel:
+    size = checked_size(path, limits)
     kind = detect_kind(path)
     return _LOADERS[kind](path, size, limits)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,12 @@ def tied_file(tmp_path: Path, tied: nn.Module) -> Path:
     path = tmp_path / "tied.pt"
     torch.save(tied.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def session_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point tempfile (and so the app's per-session directories) at this test's tmp_path."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -20,15 +19,6 @@ from pruneapp.pruning import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024**2
-
-
-@pytest.fixture
-def session_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point tempfile (and so the app's per-session directories) at this test's tmp_path."""
-    root = tmp_path / "tmp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
 
 
 @pytest.fixture

@@ -40,15 +40,6 @@ class _RunRuntime(Runtime):
 
 
 @pytest.fixture
-def session_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point tempfile (and so the app's per-session directories) at this test's tmp_path."""
-    root = tmp_path / "tmp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
-
-
-@pytest.fixture
 def new_session(session_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], AppTest]:
     """Open app sessions that may run at the same time, in threads of this process as a server runs them.
 
