@@ -42,13 +42,16 @@ from pruneapp.limits import Limits, default_limits
 
 MAGIC = b"\x89PRUNEPK\r\n\x1a\n"  # 12 bytes; the \r\n and \x1a catch text-mode mangling, as in PNG
 EXTENSION = ".pruneapp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DEFAULT_LEVEL = 3
 
 Progress = Callable[[str, float], None]
 
 _PREFIX = struct.Struct("<12sI")  # magic, format version
-_FOOTER = struct.Struct("<QQQI4s")  # header offset, header length, JSON size, crc32 of header bytes, end mark
+_FOOTER = struct.Struct("<III4s")  # header length, JSON size, crc32 of header bytes, end mark (version 2)
+_FOOTER_V1 = struct.Struct("<QQQI4s")  # header offset, header length, JSON size, crc32 of header bytes, end mark
+_HEADER_LEVEL = 19  # the header is a few KB at most: the highest level costs nothing noticeable
 _END_MARK = b"PKND"
 _DATA_START = _PREFIX.size
 _RAW_ENTROPY = 7.9  # bits per byte above which zstd cannot win enough to pay for its time
@@ -305,7 +308,7 @@ def write_packed(
     if not 1 <= level <= 22:
         raise SettingsError(f"zstd level {level} is out of range; choose a level from 1 to 22.")
     pool = _Pool(level, threads)
-    records: list[dict] = []
+    records: list[list] = []
     seen: dict[object, str] = {}
     try:
         with open(path, "wb") as f:
@@ -321,20 +324,21 @@ def write_packed(
         progress("packed", 1.0)
 
 
-def _write_tensor(f: BinaryIO, name: str, value: object, pool: _Pool, seen: dict[object, str]) -> dict:
+def _write_tensor(f: BinaryIO, name: str, value: object, pool: _Pool, seen: dict[object, str]) -> list:
+    """Store one tensor's streams; returns its compact header record (see docs/packed-format.md)."""
     t = _check_tensor(name, value)
     keys = {("id", id(t)), tie_key(t)} - {None}
     for key in keys & seen.keys():
-        return {"name": name, "encoding": "alias", "of": seen[key]}
+        return [name, "alias", seen[key]]
     seen.update(dict.fromkeys(keys, name))
     record, streams = _encode_tensor(t, pool)
     specs = []
     for s in streams:
-        specs.append({"offset": f.tell(), "length": len(s.payload), "codec": s.codec})
-        if s.symbols is not None:
-            specs[-1]["symbols"] = s.symbols
+        specs.append([len(s.payload), s.codec] + ([s.symbols] if s.symbols is not None else []))
         f.write(s.payload)
-    return {"name": name, **record, "crc32": _combined_crc([s.crc32 for s in streams]), "streams": specs}
+    crc = _combined_crc([s.crc32 for s in streams])
+    extra = [record["kept"]] + ([record["width"]] if "width" in record else []) if "kept" in record else []
+    return [name, record["encoding"], record["dtype"], record["shape"], crc, specs, *extra]
 
 
 def _combined_crc(crcs: list[int]) -> int:
@@ -342,15 +346,12 @@ def _combined_crc(crcs: list[int]) -> int:
     return zlib.crc32(struct.pack(f"<{len(crcs)}I", *crcs))
 
 
-def _write_header(f: BinaryIO, records: list[dict]) -> None:
-    text = json.dumps(
-        {"format": "pruneapp-packed", "version": FORMAT_VERSION, "tensors": records}, separators=(",", ":")
-    )
-    raw = text.encode()
-    blob = zstandard.ZstdCompressor(level=9).compress(raw)
-    offset = f.tell()
+def _write_header(f: BinaryIO, records: list[list]) -> None:
+    """The compact header: a JSON list of positional records, one zstd frame, then the footer."""
+    raw = json.dumps(records, separators=(",", ":")).encode()
+    blob = zstandard.ZstdCompressor(level=_HEADER_LEVEL).compress(raw)
     f.write(blob)
-    f.write(_FOOTER.pack(offset, len(blob), len(raw), zlib.crc32(blob), _END_MARK))
+    f.write(_FOOTER.pack(len(blob), len(raw), zlib.crc32(blob), _END_MARK))
 
 
 # ---- reading and validation -------------------------------------------------------------------------------
@@ -360,8 +361,8 @@ def _corrupt(path: Path, what: str) -> CorruptFileError:
     return CorruptFileError(f"{path.name} is not a valid packed file ({what}); re-create it with pruneapp.")
 
 
-def _check_prefix(f: BinaryIO, path: Path, size: int, limits: Limits) -> None:
-    """Size limit, magic and version: what tells a packed file, and one this code can read."""
+def _check_prefix(f: BinaryIO, path: Path, size: int, limits: Limits) -> int:
+    """Size limit, magic and version: what tells a packed file, and one this code can read. Returns the version."""
     if size > limits.max_file_bytes:
         raise LimitExceededError(
             f"{path.name} is {size} bytes, over max_file_bytes={limits.max_file_bytes}; raise PRUNEAPP_MAX_FILE_BYTES."
@@ -370,20 +371,28 @@ def _check_prefix(f: BinaryIO, path: Path, size: int, limits: Limits) -> None:
     if len(head) < _PREFIX.size or not head.startswith(MAGIC):
         raise UnsupportedFileError(f"{path.name} is not a pruneapp packed file (its first bytes are not {MAGIC!r}).")
     version = _PREFIX.unpack(head)[1]
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UnsupportedFileError(
-            f"{path.name} is packed format version {version}; this pruneapp reads version {FORMAT_VERSION}, upgrade it."
+            f"{path.name} is packed format version {version}; this pruneapp reads versions 1 and 2, upgrade it."
         )
+    return version
 
 
-def _read_header(f: BinaryIO, path: Path, size: int, limits: Limits) -> list:
-    """The header's tensor list, after the footer, the header's size limit and its checksum are checked."""
-    _check_prefix(f, path, size, limits)
-    if size < _DATA_START + _FOOTER.size:
+def _read_header(f: BinaryIO, path: Path, size: int, limits: Limits) -> tuple[list, int]:
+    """The header's tensor records (in the version-1 form) and where the data area ends, after the footer, the
+    header's size limit and its checksum are checked."""
+    version = _check_prefix(f, path, size, limits)
+    footer = _FOOTER if version == 2 else _FOOTER_V1
+    if size < _DATA_START + footer.size:
         raise _corrupt(path, "truncated before its footer")
-    f.seek(size - _FOOTER.size)
-    offset, length, raw_size, crc, mark = _FOOTER.unpack(f.read(_FOOTER.size))
-    if mark != _END_MARK or offset < _DATA_START or offset + length != size - _FOOTER.size:
+    f.seek(size - footer.size)
+    fields = footer.unpack(f.read(footer.size))
+    if version == 2:
+        length, raw_size, crc, mark = fields
+        offset = size - footer.size - length
+    else:
+        offset, length, raw_size, crc, mark = fields
+    if mark != _END_MARK or offset < _DATA_START or offset + length != size - footer.size:
         raise _corrupt(path, "truncated or bad footer")
     if raw_size > limits.max_pickle_bytes:
         raise LimitExceededError(
@@ -394,15 +403,20 @@ def _read_header(f: BinaryIO, path: Path, size: int, limits: Limits) -> list:
     blob = f.read(length)
     if zlib.crc32(blob) != crc:
         raise _corrupt(path, "header checksum mismatch")
-    return _parse_header(_decompress(blob, raw_size, path, "header"), path)
+    header = _parse_json(_decompress(blob, raw_size, path, "header"), path)
+    return (_parse_header(header, path) if version == 1 else _expand(header, path)), offset
 
 
-def _parse_header(text: bytes, path: Path) -> list:
+def _parse_json(text: bytes, path: Path) -> object:
     try:
-        header = json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError):
         raise _corrupt(path, "header is not valid JSON") from None
-    if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION:
+
+
+def _parse_header(header: object, path: Path) -> list:
+    """Version 1: the tensor list of a ``{"format", "version", "tensors"}`` object."""
+    if not isinstance(header, dict) or header.get("version") != 1:
         raise _corrupt(path, "header lacks its version")
     if not isinstance(header.get("tensors"), list):
         raise _corrupt(path, "header lacks a tensor list")
@@ -421,6 +435,43 @@ def _decompress(payload: bytes | np.ndarray, size: int, path: Path, what: str) -
     if len(out) != size:
         raise _corrupt(path, f"{what} holds {len(out)} bytes, expected {size}")
     return out
+
+
+_FIELDS = {"alias": ("of",), "dense": (), "mask": ("kept",), "gaps": ("kept", "width")}
+
+
+def _expand(header: object, path: Path) -> list[dict]:
+    """Version 2's positional records as version-1 records, stream offsets summed from the lengths; the
+    validator then checks them the same way."""
+    if type(header) is not list:
+        raise _corrupt(path, "header lacks a tensor list")
+    records, offset = [], _DATA_START
+    for r in header:
+        encoding = r[1] if type(r) is list and len(r) >= 2 else None
+        fields = _FIELDS.get(encoding) if type(encoding) is str else None
+        stored = encoding != "alias"
+        if fields is None or type(r[0]) is not str or len(r) != 2 + 4 * stored + len(fields):
+            raise _corrupt(path, "a tensor record lacks a name, a known encoding or its fields")
+        if not stored:
+            records.append({"name": r[0], "encoding": "alias", "of": r[2]})
+            continue
+        streams, offset = _expand_streams(r[0], r[5], offset, path)
+        record = {"name": r[0], "encoding": encoding, "dtype": r[2], "shape": r[3], "crc32": r[4], "streams": streams}
+        records.append(record | dict(zip(fields, r[6:], strict=True)))
+    return records
+
+
+def _expand_streams(name: str, specs: object, offset: int, path: Path) -> tuple[list[dict], int]:
+    """``[length, codec, symbols?]`` lists as stream records at consecutive offsets from ``offset``."""
+    if type(specs) is not list:
+        raise _corrupt(path, f"tensor {name!r} has no streams")
+    streams = []
+    for s in specs:
+        if type(s) is not list or len(s) not in (2, 3) or not _is_count(s[0]):
+            raise _corrupt(path, f"tensor {name!r} has a bad stream record")
+        streams.append({"offset": offset, "length": s[0], "codec": s[1]} | ({"symbols": s[2]} if len(s) == 3 else {}))
+        offset += s[0]
+    return streams, offset
 
 
 class _Validator:
@@ -760,12 +811,13 @@ def _read_tensors(f: BinaryIO, path: Path, entries: list[_Entry], executor: Thre
 def _open(f: BinaryIO, path: Path, limits: Limits | None) -> tuple[list[dict], list[_Entry]]:
     limits = limits or default_limits()
     size = os.fstat(f.fileno()).st_size
-    records = _read_header(f, path, size, limits)
-    return records, _Validator(path, size - _FOOTER.size, limits).entries(records)
+    records, data_end = _read_header(f, path, size, limits)
+    return records, _Validator(path, data_end, limits).entries(records)
 
 
 def read_header(path: str | Path, limits: Limits | None = None) -> list[dict]:
-    """The validated per-tensor records of a packed file (name, dtype, shape, encoding, streams), without decoding."""
+    """The validated per-tensor records of a packed file (name, dtype, shape, encoding, streams with offsets; the
+    version-1 form for either version), without decoding."""
     path = Path(path)
     with open(path, "rb") as f:
         return _open(f, path, limits)[0]

@@ -20,7 +20,8 @@ from pruneapp.errors import CorruptFileError, LimitExceededError, PruneAppError,
 from pruneapp.limits import Limits
 from pruneapp.packed import EXTENSION, MAGIC, read_header, read_packed, write_packed
 
-FOOTER = struct.Struct("<QQQI4s")  # as documented in docs/packed-format.md
+FOOTER = struct.Struct("<QQQI4s")  # version 1, as documented in docs/packed-format.md
+FOOTER_V2 = struct.Struct("<III4s")  # version 2
 
 DTYPES = [
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.complex128,
@@ -308,10 +309,12 @@ def good_file(tmp_path: Path) -> Path:
 
 
 def split(path: Path) -> tuple[bytes, dict]:
-    """The bytes before the header, and the header as JSON."""
+    """The bytes before the header, as a version-1 file, and the header in its documented version-1 form."""
     data = path.read_bytes()
-    offset, length, _, _, _ = FOOTER.unpack(data[-FOOTER.size :])
-    return data[:offset], json.loads(zstandard.ZstdDecompressor().decompress(data[offset : offset + length]))
+    assert struct.unpack_from("<I", data, len(MAGIC))[0] == packed.FORMAT_VERSION == 2
+    length = FOOTER_V2.unpack(data[-FOOTER_V2.size :])[0]
+    head = data[: len(MAGIC)] + struct.pack("<I", 1) + data[len(MAGIC) + 4 : -FOOTER_V2.size - length]
+    return head, {"format": "pruneapp-packed", "version": 1, "tensors": read_header(path)}
 
 
 def rewrite(path: Path, change: Callable[[dict], object], body: Callable[[bytes], bytes] = lambda b: b) -> Path:
@@ -338,6 +341,80 @@ def test_the_crafting_helper_writes_readable_files(good_file: Path) -> None:
     assert_same(read_packed(good_file), read_packed(rewrite(good_file, lambda h: None)))
 
 
+def v2_records(path: Path) -> list:
+    """The compact version-2 header of a file this writer made, as JSON."""
+    data = path.read_bytes()
+    length = FOOTER_V2.unpack(data[-FOOTER_V2.size :])[0]
+    return json.loads(zstandard.ZstdDecompressor().decompress(data[-FOOTER_V2.size - length : -FOOTER_V2.size]))
+
+
+def rewrite_v2(path: Path, change: Callable[[list], object]) -> Path:
+    """A copy of ``path`` whose version-2 header was edited, or replaced, by ``change`` (with a valid footer and
+    checksum)."""
+    data = path.read_bytes()
+    records = v2_records(path)
+    replaced = change(records)
+    raw = json.dumps(records if replaced is None else replaced).encode()
+    blob = zstandard.ZstdCompressor().compress(raw)
+    body = data[: -FOOTER_V2.size - FOOTER_V2.unpack(data[-FOOTER_V2.size :])[0]]
+    out = path.with_name("crafted2" + EXTENSION)
+    out.write_bytes(body + blob + FOOTER_V2.pack(len(blob), len(raw), zlib.crc32(blob), b"PKND"))
+    return out
+
+
+def test_version_1_and_2_files_read_the_same_and_2_is_smaller(good_file: Path) -> None:
+    v1 = rewrite(good_file, lambda h: None)
+    assert v1.read_bytes()[len(MAGIC)] == 1 and good_file.read_bytes()[len(MAGIC)] == 2
+    assert_same(read_packed(good_file), read_packed(v1))
+    assert read_header(good_file) == read_header(v1)
+    assert good_file.stat().st_size < v1.stat().st_size
+    assert_same(read_packed(good_file), read_packed(rewrite_v2(good_file, lambda r: None)))
+
+
+def record(records: list, name: str) -> list:
+    return next(r for r in records if r[0] == name)
+
+
+V2_CORRUPTIONS: dict[str, Callable[[list], object]] = {
+    "not a list": lambda r: {"tensors": r},
+    "record not a list": lambda r: r.append({"name": "x"}),
+    "unknown encoding": lambda r: record(r, "mask").__setitem__(1, "rle"),
+    "encoding not a string": lambda r: record(r, "mask").__setitem__(1, ["mask"]),
+    "name not a string": lambda r: record(r, "dense").__setitem__(0, 7),
+    "missing field": lambda r: record(r, "gaps").pop(),
+    "extra field": lambda r: record(r, "dense").append(1),
+    "alias to nothing": lambda r: record(r, "tied").__setitem__(2, "nope"),
+    "streams not a list": lambda r: record(r, "dense").__setitem__(5, 3),
+    "stream not a list": lambda r: record(r, "dense")[5].__setitem__(0, 4),
+    "negative stream length": lambda r: record(r, "dense")[5][0].__setitem__(0, -1),
+    "bool stream length": lambda r: record(r, "dense")[5][0].__setitem__(0, True),
+    "stream past the data": lambda r: record(r, "dense")[5][0].__setitem__(0, 10**9),
+    "stream without codec": lambda r: record(r, "dense")[5][0].pop(),
+    "bad codec": lambda r: record(r, "dense")[5][0].__setitem__(1, "lz4"),
+    "bad checksum": lambda r: record(r, "dense").__setitem__(4, -1),
+    "kept beyond the tensor": lambda r: record(r, "mask").__setitem__(6, 10**9),
+    "bad gap width": lambda r: record(r, "gaps").__setitem__(7, 3),
+    "bad shape": lambda r: record(r, "dense").__setitem__(3, [-300]),
+}
+
+
+@pytest.mark.parametrize("change", V2_CORRUPTIONS.values(), ids=V2_CORRUPTIONS.keys())
+def test_crafted_version_2_headers_are_refused(good_file: Path, change: Callable[[list], object]) -> None:
+    with pytest.raises(CorruptFileError) as error:
+        read_packed(rewrite_v2(good_file, change))
+    assert_one_line(error)
+
+
+def test_version_2_footer_must_frame_the_header(good_file: Path, tmp_path: Path) -> None:
+    data = good_file.read_bytes()
+    length, raw, crc, mark = FOOTER_V2.unpack(data[-FOOTER_V2.size :])
+    for footer in (FOOTER_V2.pack(len(data), raw, crc, mark), FOOTER_V2.pack(length, raw, crc ^ 1, mark)):
+        crafted = tmp_path / "f.pruneapp"
+        crafted.write_bytes(data[: -FOOTER_V2.size] + footer)
+        with pytest.raises(CorruptFileError):
+            read_packed(crafted)
+
+
 @pytest.mark.parametrize("data", [b"", b"\x89PRUNE", b"PK\x03\x04" + bytes(100), bytes(4096), MAGIC[:-1] + b"x" * 64])
 def test_not_a_packed_file(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "bad.pruneapp"
@@ -349,9 +426,9 @@ def test_not_a_packed_file(tmp_path: Path, data: bytes) -> None:
 
 def test_newer_version_is_refused(good_file: Path) -> None:
     data = bytearray(good_file.read_bytes())
-    data[len(MAGIC)] = 2
+    data[len(MAGIC)] = 3
     good_file.write_bytes(bytes(data))
-    with pytest.raises(UnsupportedFileError, match="version 2"):
+    with pytest.raises(UnsupportedFileError, match="version 3"):
         read_packed(good_file)
 
 
