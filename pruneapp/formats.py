@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import zstandard
 
-from pruneapp import checks, packed
+from pruneapp import checks, loading, packed
 from pruneapp.errors import (
     CorruptFileError,
     LimitExceededError,
@@ -38,7 +38,6 @@ from pruneapp.errors import (
 from pruneapp.limits import Limits, default_limits
 
 if TYPE_CHECKING:
-    from pruneapp.loading import LoadedModel
     from pruneapp.pruning import Progress
 
 FORMATS = ("dense", "csr", "dense.zst", "csr.zst")
@@ -126,7 +125,7 @@ def output_name(stem: str, fmt: str, safetensors: bool = False) -> str:
     return names[fmt]
 
 
-def _is_safetensors(model: LoadedModel) -> bool:
+def _is_safetensors(model: loading.LoadedModel) -> bool:
     return model.structure == "safetensors" or model.kind == "safetensors"
 
 
@@ -135,7 +134,7 @@ def _is_safetensors(model: LoadedModel) -> bool:
 
 
 def write_outputs(
-    model: LoadedModel,
+    model: loading.LoadedModel,
     weights: dict[str, torch.Tensor],
     pruned_names: Sequence[str],
     out_dir: Path,
@@ -223,7 +222,7 @@ class _Writer:
 
     def __init__(
         self,
-        model: LoadedModel,
+        model: loading.LoadedModel,
         weights: dict[str, torch.Tensor],
         pruned: set[str],
         level: int,
@@ -597,9 +596,7 @@ def read_weights(path: str | Path, limits: Limits | None = None) -> dict[str, to
 
 
 def _head(path: Path, limits: Limits) -> bytes:
-    from pruneapp.loading import checked_size
-
-    checked_size(path, limits)
+    loading.checked_size(path, limits)
     with open(path, "rb") as f:
         return f.read(64)
 
@@ -611,9 +608,7 @@ def _read_plain(path: Path, head: bytes, limits: Limits) -> dict[str, torch.Tens
         return packed.read_packed(path, limits)
     if head.startswith(ZIP_MAGIC) and _is_csr_zip(path):
         return _read_csr(path, limits)
-    from pruneapp.loading import load_model
-
-    model = load_model(path, limits)
+    model = loading.load_model(path, limits)
     weights = dict(model.weights)
     _retie_safetensors(weights, model.metadata, path.name)
     return weights
