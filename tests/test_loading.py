@@ -33,19 +33,7 @@ from pruneapp.limits import Limits
 from pruneapp.loading import LoadedModel, detect_kind, load_model, tensor_bytes
 from pruneapp.pipeline import inspect_file, prune_file
 from pruneapp.pruning import PruneSettings
-
-
-def touch(path: str) -> None:
-    """Creates the marker: proof that a payload ran."""
-    Path(path).write_text("ran")
-
-
-class Payload:
-    def __init__(self, func: object, *args: object) -> None:
-        self.func, self.args = func, args
-
-    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        return self.func, self.args
+from tests.payloads import Payload, touch
 
 
 def save(obj: object, path: Path, legacy: bool = False) -> Path:

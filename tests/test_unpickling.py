@@ -20,21 +20,9 @@ from pruneapp import unpickling
 from pruneapp.errors import CorruptFileError, LimitExceededError, UnsafeFileError, UnsupportedFileError
 from pruneapp.limits import Limits
 from pruneapp.unpickling import StandIn, Storages, ZipStorages, dry_run, unpickle
+from tests.payloads import Payload, touch
 
 LIMITS = Limits()
-
-
-def touch(path: str) -> None:
-    """A harmless gadget: plain pickle.loads of a payload that names it creates the marker file."""
-    Path(path).write_text("ran")
-
-
-class Payload:
-    def __init__(self, func: object, *args: object) -> None:
-        self.func, self.args = func, args
-
-    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        return self.func, self.args
 
 
 def load(data: bytes) -> object:
