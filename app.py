@@ -21,11 +21,12 @@ from typing import Any
 import streamlit as st
 
 from pruneapp import charts, demo, formats, isolation, pipeline, pruning
-from pruneapp.charts import format_label, human_bytes
+from pruneapp.charts import format_label
 from pruneapp.errors import PruneAppError
 from pruneapp.limits import Limits, default_limits
 from pruneapp.pipeline import Inspection, SweepPoint
 from pruneapp.report import Report
+from pruneapp.units import human_bytes
 
 MiB = 1024**2
 SESSION_DIR_PREFIX = "pruneapp-session-"
